@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""dockrune: push-to-deploy for one server.
+
+GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
+docker compose, checks that it answers, and keeps a log of every deploy.
+
+    dockrune serve                  run the daemon (webhook, API, workers)
+    dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
+    dockrune stop APP               stop an app
+    dockrune status [--json]        every app and environment
+    dockrune logs APP [--deploy ID] [--follow]
+    dockrune doctor                 check this machine and the settings
+
+Settings come from the environment or from $DOCKRUNE_HOME/dockrune.env (the
+environment wins); the SETTINGS table below lists them with their defaults.
+"""
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import handlers
+import runners
+import store
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("dockrune")
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+def _text(value):
+    return value.strip()
+
+
+def _whole(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if number < 0:
+        raise ValueError("expected a number of zero or more")
+    return number
+
+
+def _listen(value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, like 127.0.0.1:9000")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _port_range(value):
+    low, sep, high = value.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or not (
+            1024 <= int(low) <= int(high) < 65536):
+        raise ValueError("expected LOW-HIGH between 1024 and 65535")
+    return int(low), int(high)
+
+
+def _owners(value):
+    return frozenset(o.strip().lower() for o in value.replace(",", " ").split())
+
+
+def _url(value):
+    value = value.strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+# key, default, converter, what it is.  The attribute name is the key without
+# its DOCKRUNE_ prefix, in lower case (DOCKRUNE_WEBHOOK_SECRET -> webhook_secret).
+SETTINGS = (
+    ("DOCKRUNE_HOME", "~/.dockrune", _text, "where everything lives"),
+    ("DOCKRUNE_LISTEN", "127.0.0.1:9000", _listen, "host:port of the HTTP server"),
+    ("DOCKRUNE_WEBHOOK_SECRET", "", _text, "GitHub webhook secret (required)"),
+    ("DOCKRUNE_GITHUB_TOKEN", "", _text, "token for git over https and the API"),
+    ("DOCKRUNE_GITHUB_API", "https://api.github.com", _url, "REST API base"),
+    ("DOCKRUNE_GIT_BASE_URL", "https://github.com", _text,
+     "where REPO=owner/name is fetched from when GIT_URL is empty"),
+    ("DOCKRUNE_PUBLIC_URL", "", _url, "how the world reaches dockrune"),
+    ("DOCKRUNE_ADMIN_PASSWORD", "", _text, "password for /admin (user admin)"),
+    ("DOCKRUNE_API_TOKEN", "", _text, "bearer token for /api"),
+    ("DOCKRUNE_ALLOWED_OWNERS", "", _owners,
+     "GitHub owners whose repos register themselves on first push"),
+    ("DOCKRUNE_BASE_DOMAIN", "", _text, "domains for apps that set none"),
+    ("DOCKRUNE_COACH_ARTIE_URL", "", _url, "Coach Artie base URL"),
+    ("DOCKRUNE_COACH_ARTIE_CHANNEL", "", _text, "Coach Artie channel id"),
+    ("DOCKRUNE_DISCORD_WEBHOOK_URL", "", _url, "a Discord webhook"),
+    ("DOCKRUNE_N8N_WEBHOOK_URL", "", _url, "an n8n Webhook node URL"),
+    ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
+    ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
+     "ports handed to apps that set no PORT"),
+    ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
+    ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
+    ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+)
+SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
+               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message says which and why."""
+
+
+class Settings:
+    """The global settings, one attribute per SETTINGS key."""
+
+    def __init__(self, values):
+        self.raw = dict(values)
+        for key, _default, convert, _help in SETTINGS:
+            value = values.get(key, "")
+            try:
+                converted = convert(value)
+            except ValueError as e:
+                raise SettingsError("%s=%r: %s" % (key, value, e)) from None
+            setattr(self, key[len("DOCKRUNE_"):].lower(), converted)
+        self.home = os.path.abspath(os.path.expanduser(self.home))
+
+    def secrets(self):
+        """Return every secret value, so logs can redact them."""
+        return [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+
+
+def load_settings(environ=None):
+    """Return Settings from the defaults, dockrune.env and the environment."""
+    environ = os.environ if environ is None else environ
+    values = {key: default for key, default, _c, _h in SETTINGS}
+    home = os.path.expanduser(environ.get("DOCKRUNE_HOME") or values["DOCKRUNE_HOME"])
+    path = os.path.join(home, "dockrune.env")
+    try:
+        from_file = store.read_env_file(path)
+    except (store.EnvFileError, OSError) as e:
+        raise SettingsError(str(e)) from None
+    known = {key for key, *_ in SETTINGS}
+    for key in sorted(set(from_file) - known):
+        log.warning("%s: unknown setting %s (a typo?)", path, key)
+    values.update({k: v for k, v in from_file.items() if k in known})
+    values.update({k: v for k, v in environ.items() if k in known})
+    values["DOCKRUNE_HOME"] = home
+    return Settings(values)
+
+
+def setup_logging(level="info"):
+    """Log to stderr; under systemd, leave the time stamps to journald."""
+    fmt = "%(levelname)s %(name)s [%(threadName)s] %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(stream=sys.stderr, format=fmt,
+                        level=getattr(logging, level.upper(), logging.INFO))
+
+
+# -- wiring ------------------------------------------------------------------------
+
+
+class Daemon:
+    """Everything `serve` runs, wired together, without the HTTP server."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
+        self.store.ensure_dirs()
+        self.deployer = runners.Deployer(self.store, settings)
+        self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
+        self.control_token = secrets.token_urlsafe(32)
+        self.app = handlers.Application(self.store, settings, self.runner,
+                                        self.deployer, self.control_token)
+
+    def start(self):
+        """Recover from an unclean stop, then start the workers."""
+        requeue = self.store.recover()
+        self.runner.start()
+        for record in requeue:
+            log.info("queueing deploy %s of %s again", record["id"], record["app"])
+            self.runner.submit(record)
+
+    def stop(self, timeout=10.0):
+        return self.runner.shutdown(timeout)
+
+
+def daemon_file(settings):
+    return os.path.join(settings.home, "run", "daemon.json")
+
+
+def serve(settings):
+    """Run the daemon until SIGTERM or SIGINT."""
+    import waitress
+
+    if not settings.webhook_secret:
+        raise SettingsError("DOCKRUNE_WEBHOOK_SECRET is not set: set it in %s or "
+                            "the environment (the same secret as in GitHub's "
+                            "webhook settings)" % os.path.join(settings.home,
+                                                                 "dockrune.env"))
+    daemon = Daemon(settings)
+    daemon.start()
+    host, port = settings.listen
+    server = waitress.create_server(
+        daemon.app, host=host, port=port, threads=8, ident="dockrune",
+        max_request_body_size=handlers.MAX_BODY, channel_timeout=30,
+        clear_untrusted_proxy_headers=True)
+    store.write_json(daemon_file(settings), {
+        "pid": os.getpid(), "listen": "%s:%d" % (host, port),
+        "token": daemon.control_token}, mode=0o600)
+    log.info("dockrune %s listening on http://%s:%d, home %s", __version__, host,
+             port, settings.home)
+
+    def shut(signum, _frame):
+        log.info("signal %d: shutting down", signum)
+        server.close()
+
+    signal.signal(signal.SIGTERM, shut)
+    signal.signal(signal.SIGINT, shut)
+    try:
+        server.run()
+    except (OSError, ValueError) as e:
+        if not server.socket or server.socket.fileno() != -1:
+            raise
+    finally:
+        try:
+            os.unlink(daemon_file(settings))
+        except FileNotFoundError:
+            pass
+        daemon.stop()
+    return 0
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def running_daemon(settings):
+    """Return (base URL, token) of the daemon serving this home, or None."""
+    info = store.read_json(daemon_file(settings), None)
+    if not info:
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return "http://%s" % info["listen"], info["token"]
+
+
+def call_daemon(daemon, method, path, data=None):
+    base, token = daemon
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(base + path, data=body, method=method, headers={
+        "Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise SettingsError("the daemon answered %d: %s" % (e.code, message)) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise SettingsError("cannot reach the daemon at %s: %s" % (base, e)) from None
+
+
+def cmd_deploy(settings, args):
+    app = _existing_app(settings, args.app)
+    daemon = running_daemon(settings)
+    if daemon:
+        answer = call_daemon(daemon, "POST", "/api/apps/%s/deploy" % app,
+                             {"ref": args.ref} if args.ref else {})
+        print("queued deploy %s; follow it with: dockrune logs %s --follow"
+              % (answer["deploy"], app))
+        return 0
+    return deploy_foreground(settings, app, args.ref)
+
+
+def deploy_foreground(settings, app, ref):
+    """Deploy app in this process, printing its log as it goes."""
+    daemon = Daemon(settings)
+    sha = ref if ref and handlers._SHA_RE.match(ref) else None
+    record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        daemon.deployer.run_deploy(record)), name="dockrune-deploy-%s" % app)
+    worker.start()
+    follow_log(record["log"], lambda: not worker.is_alive())
+    worker.join()
+    if result.get("status") != "live":
+        raise SettingsError("deploy %s failed: %s" % (record["id"], result.get("error")))
+    return 0
+
+
+def follow_log(path, finished, out=None):
+    """Copy the log at path to out until finished() and the end is reached."""
+    out = out or sys.stdout
+    offset = 0
+    while True:
+        done = finished()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+        except FileNotFoundError:
+            chunk = ""
+        if chunk:
+            out.write(chunk)
+            out.flush()
+        if done and not chunk:
+            return
+        time.sleep(0.2)
+
+
+def cmd_stop(settings, args):
+    app = _existing_app(settings, args.app)
+    daemon = running_daemon(settings)
+    if daemon:
+        call_daemon(daemon, "POST", "/api/apps/%s/stop" % app, {})
+        print("stopping %s (through the daemon)" % app)
+        return 0
+    deployer = runners.Deployer(_store(settings), settings)
+    try:
+        deployer.run_stop(app, "production")
+    except runners.DeployError as e:
+        raise SettingsError("stop failed: %s" % e) from None
+    print("stopped %s" % app)
+    return 0
+
+
+def cmd_status(settings, args):
+    rows = _store(settings).statuses()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no apps yet: push to a repository of an allowed owner, or write "
+              "%s/<app>.env" % os.path.join(settings.home, "apps"))
+        return 0
+    print("%-20s %-12s %-10s %-12s %-6s %s" % ("APP", "ENV", "STATUS", "SHA",
+                                               "PORT", "DEPLOYED"))
+    for row in rows:
+        print("%-20s %-12s %-10s %-12s %-6s %s" % (
+            row["app"], row["environment"], row["status"], (row["sha"] or "-")[:12],
+            row["port"] or "-", row["deployed_at"] or "-"))
+    return 0
+
+
+def cmd_logs(settings, args):
+    app = _existing_app(settings, args.app)
+    st = _store(settings)
+    if args.deploy:
+        record = st.deploy(args.deploy)
+        if record is None or record["app"] != app:
+            raise SettingsError("no deploy %r of %s" % (args.deploy, app))
+    else:
+        history = st.history(app, limit=1)
+        if not history:
+            raise SettingsError("%s has no deploys yet" % app)
+        record = history[0]
+    if not args.follow:
+        try:
+            with open(record["log"], encoding="utf-8", errors="replace") as f:
+                shutil.copyfileobj(f, sys.stdout)
+        except FileNotFoundError:
+            print("(deploy %s has no log yet: it is %s)" % (record["id"],
+                                                           record["status"]))
+        return 0
+    follow_log(record["log"], lambda: (st.deploy(record["id"]) or {}).get(
+        "status") not in store.ACTIVE)
+    return 0
+
+
+def cmd_doctor(settings, _args):
+    """Check what dockrune needs; print one line per check; 1 if any failed."""
+    checks = [
+        ("docker engine", _check_command(["docker", "info", "--format",
+                                          "{{.ServerVersion}}"],
+                                         "start it: systemctl start docker")),
+        ("docker compose", _check_compose()),
+        ("git", _check_command(["git", "--version"], "apt-get install git")),
+        ("node", _check_command(["node", "--version"],
+                                "only Nitro apps need it: apt-get install nodejs")),
+        ("webhook secret", (bool(settings.webhook_secret), "set" if
+                            settings.webhook_secret else
+                            "set DOCKRUNE_WEBHOOK_SECRET in dockrune.env")),
+        ("home", _check_home(settings.home)),
+    ]
+    failed = 0
+    for name, (ok, detail) in checks:
+        print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
+        failed += 0 if ok or name == "node" else 1
+    for app in store.Store(settings.home).app_names():
+        try:
+            store.Store(settings.home).load_app(app)
+        except store.EnvFileError as e:
+            print("FAIL %-16s %s" % ("app " + app, e))
+            failed += 1
+    return 1 if failed else 0
+
+
+def _check_command(argv, fix):
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=20,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, "%s: %s; %s" % (argv[0], e, fix)
+    out = (done.stdout or done.stderr).decode("utf-8", "replace").strip()
+    if done.returncode != 0:
+        return False, "%s (%s)" % (fix, out.splitlines()[-1][:120] if out else "failed")
+    return True, out.splitlines()[0][:120] if out else "ok"
+
+
+def _check_compose():
+    try:
+        argv = runners.compose_command()
+    except runners.DeployError as e:
+        return False, str(e)
+    return True, " ".join(argv) + (" (v2)" if argv == ["docker", "compose"] else
+                                   " (v1; v2 is preferred)")
+
+
+def _check_home(home):
+    try:
+        os.makedirs(home, exist_ok=True)
+        store.write_text(os.path.join(home, ".doctor"), "ok\n")
+        os.unlink(os.path.join(home, ".doctor"))
+    except OSError as e:
+        return False, "%s is not writable: %s" % (home, e)
+    return True, home
+
+
+def _store(settings):
+    st = store.Store(settings.home, keep_deploys=settings.keep_deploys)
+    st.ensure_dirs()
+    return st
+
+
+def _existing_app(settings, name):
+    st = store.Store(settings.home)
+    if not store.is_name(name) or not os.path.exists(st.app_path(name)):
+        raise SettingsError("no app %r: write %s/<app>.env or push to register it"
+                            % (name, st.apps_dir))
+    return name
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="dockrune", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the daemon")
+    p = sub.add_parser("deploy", help="deploy an app now")
+    p.add_argument("app")
+    p.add_argument("--ref", help="branch, tag or sha (default: the app's branch)")
+    p = sub.add_parser("stop", help="stop an app")
+    p.add_argument("app")
+    p = sub.add_parser("status", help="show every app and environment")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("logs", help="print a deploy's log")
+    p.add_argument("app")
+    p.add_argument("--deploy", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true")
+    sub.add_parser("doctor", help="check this machine and the settings")
+    return parser
+
+
+COMMANDS = {"deploy": cmd_deploy, "stop": cmd_stop, "status": cmd_status,
+            "logs": cmd_logs, "doctor": cmd_doctor}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level)
+        if args.command == "serve":
+            return serve(settings)
+        return COMMANDS[args.command](settings, args)
+    except (SettingsError, store.StoreError, store.EnvFileError) as e:
+        print("dockrune: %s" % e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
