@@ -228,6 +228,11 @@ class Deployer:
 
     def new_deploy(self, app, env, sha, ref, trigger, **extra):
         """Record a queued deploy and return it; the caller hands it to a Runner."""
+        if "repo" not in extra:
+            try:
+                extra["repo"] = (self.store.load_app(app) or {}).get("REPO")
+            except store.EnvFileError:
+                extra["repo"] = None
         record = self.store.new_deploy(app, env, sha, ref, trigger, action="deploy",
                                        **extra)
         self.store.update_environment(app, env, queued=record["id"])
