@@ -191,6 +191,10 @@ class Daemon:
         return self.runner.shutdown(timeout)
 
 
+class _Shutdown(Exception):
+    """Raised by the signal handler to leave waitress's loop."""
+
+
 def daemon_file(settings):
     return os.path.join(settings.home, "run", "daemon.json")
 
@@ -218,17 +222,16 @@ def serve(settings):
              port, settings.home)
 
     def shut(signum, _frame):
-        log.info("signal %d: shutting down", signum)
-        server.close()
+        raise _Shutdown(signum)
 
     signal.signal(signal.SIGTERM, shut)
     signal.signal(signal.SIGINT, shut)
     try:
         server.run()
-    except (OSError, ValueError) as e:
-        if not server.socket or server.socket.fileno() != -1:
-            raise
+    except _Shutdown as e:
+        log.info("signal %d: shutting down", e.args[0])
     finally:
+        server.close()
         try:
             os.unlink(daemon_file(settings))
         except FileNotFoundError:
