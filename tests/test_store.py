@@ -232,9 +232,10 @@ def test_recover_marks_running_interrupted_and_returns_queued(st):
     with open(os.path.join(st.state_dir, ".tmp-leftover"), "w") as f:
         f.write("{")
 
-    requeue = st.recover()
+    requeue, interrupted = st.recover()
 
     assert [r["id"] for r in requeue] == [queued["id"]]
+    assert [r["id"] for r in interrupted] == [running["id"]]
     assert st.deploy(running["id"])["status"] == "interrupted"
     assert st.environment("a", "production")["status"] == "live"
     assert st.environment("a", "production")["running"] is None
