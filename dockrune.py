@@ -195,6 +195,11 @@ class Daemon:
         short are deployed afresh (trigger "resume") unless DOCKRUNE_RESUME=off.
         """
         queued, interrupted = self.store.recover()
+        for old in interrupted:
+            killed = runners.kill_leftovers(old["id"])
+            if killed:
+                log.warning("killed %d processes left by interrupted deploy %s",
+                            killed, old["id"])
         self.runner.start()
         for record in queued:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])

@@ -191,6 +191,29 @@ def kill_group(proc, grace=KILL_GRACE):
         return
 
 
+def kill_leftovers(deploy_id, proc_root="/proc"):
+    """Kill every process still marked with deploy_id; return how many.
+
+    Commands of a deploy carry DOCKRUNE_DEPLOY=<id> in their environment, and
+    so do their children: after a crash of dockrune itself, this finds them
+    by that mark rather than by a pid that may since belong to a stranger.
+    """
+    mark = ("DOCKRUNE_DEPLOY=%s" % deploy_id).encode()
+    killed = 0
+    for pid in os.listdir(proc_root):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(os.path.join(proc_root, pid, "environ"), "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 _compose_lock = threading.Lock()
 _compose_argv = None
 
@@ -431,6 +454,8 @@ class DeployContext:
     def run(self, argv, cwd=None, env=None, timeout=None):
         self.dlog.check()
         limit = self.remaining() if timeout is None else min(timeout, self.remaining())
+        # The mark lets a restarted dockrune find what a crash left running.
+        env = dict(os.environ if env is None else env, DOCKRUNE_DEPLOY=self.record["id"])
         return run_command(argv, self.dlog, limit, cwd=cwd, env=env)
 
     def app_environment(self):

@@ -151,3 +151,99 @@ def test_docker_engine_down_fails_fast_and_leaves_running_apps_alone(
     record = deploy_and_wait(back, repo, newer)
     assert record["status"] == "live"
     assert http_get("http://127.0.0.1:%d/" % port) == (200, "newer\n")
+
+
+# -- crashes --
+
+
+def state_files_parse(home):
+    """Parse every state file; return the names of temporary files found."""
+    leftovers = []
+    for root, _dirs, files in os.walk(os.path.join(str(home), "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.startswith(".tmp-"):
+                leftovers.append(path)
+                continue
+            with open(path) as f:
+                json.load(f)
+    return leftovers
+
+
+def test_sigkill_at_random_points_loses_nothing(
+        base_image, server_factory, tmp_path, app_name):
+    rng = random.Random(int(os.environ.get("DOCKRUNE_TEST_SEED", "7")))
+    remote = GitRemote(str(tmp_path / "git"))
+    port = free_port()
+    home = tmp_path / "home"
+    server = server_factory(home=home)
+    write_app(home, app_name, remote, port)
+    server.start()
+    repo = "tester/" + app_name
+    first = remote.commit(compose_app("v0"))
+    assert deploy_and_wait(server, repo, first)["status"] == "live"
+    st = store.Store(str(home))
+    last = first
+
+    for trial in range(1, 21):
+        last = remote.commit(compose_app("v%d" % trial))
+        code, answer = post_hook(server.url, "push", push_body(repo, last))
+        assert code == 202
+        time.sleep(rng.uniform(0, 2.0))
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        left = state_files_parse(home)
+        was = st.deploy(answer["deploy"])["status"]
+
+        # The new daemon writes state as it runs: only what the crash left
+        # behind must be gone.
+        server = server_factory(home=home).start()
+        state_files_parse(home)
+        assert [p for p in left if os.path.exists(p)] == [], "trial %d" % trial
+        record = st.deploy(answer["deploy"])
+        if was == "running":
+            assert record["status"] == "interrupted", "trial %d" % trial
+        # The app that was live keeps answering through every crash.
+        assert http_get("http://127.0.0.1:%d/" % port)[0] == 200, "trial %d" % trial
+
+    # The resumed (or re-queued) deploy of the last push ends live.
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        row = server.status(app_name)
+        if row["status"] == "live" and row["sha"] == last:
+            break
+        time.sleep(0.5)
+    assert (row["status"], row["sha"]) == ("live", last), server.log()
+    assert http_get("http://127.0.0.1:%d/" % port) == (200, "v20\n")
+
+
+def test_resume_off_marks_interrupted_and_deploys_nothing(tmp_path):
+    import dockrune
+    settings = make_settings(tmp_path, DOCKRUNE_RESUME="off")
+    daemon = dockrune.Daemon(settings)
+    record = daemon.deployer.new_deploy("gone", "production", "1" * 40, "main", "push")
+    daemon.store.update_deploy(record["id"], status="running")
+    daemon.store.update_environment("gone", "production", running=record["id"],
+                                    queued=None)
+    daemon.start()
+    try:
+        assert daemon.store.deploy(record["id"])["status"] == "interrupted"
+        assert daemon.runner.busy() == 0
+        assert len(daemon.store.history("gone")) == 1
+    finally:
+        daemon.stop()
+
+
+def test_kill_leftovers_finds_processes_by_their_deploy_mark():
+    import subprocess
+    marked = subprocess.Popen(["sleep", "60"], env=dict(
+        os.environ, DOCKRUNE_DEPLOY="20260101-000000-x-abcd"))
+    other = subprocess.Popen(["sleep", "60"], env=dict(
+        os.environ, DOCKRUNE_DEPLOY="20260101-000000-x-ffff"))
+    try:
+        assert runners.kill_leftovers("20260101-000000-x-abcd") == 1
+        assert marked.wait(timeout=5) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        other.kill()
+        marked.kill()
