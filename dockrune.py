@@ -239,10 +239,14 @@ def serve(settings):
     daemon = Daemon(settings)
     daemon.start()
     host, port = settings.listen
+    # waitress reads requests in its event loop and hands only complete ones
+    # to its threads, so slow clients cost a socket, not a thread; the limit
+    # on connections is raised so that a few hundred of them cannot lock
+    # GitHub out, and idle ones are closed after channel_timeout seconds.
     server = waitress.create_server(
         daemon.app, host=host, port=port, threads=8, ident="dockrune",
         max_request_body_size=handlers.MAX_BODY, channel_timeout=30,
-        clear_untrusted_proxy_headers=True)
+        connection_limit=1000, clear_untrusted_proxy_headers=True)
     store.write_json(daemon_file(settings), {
         "pid": os.getpid(), "listen": "%s:%d" % (host, port),
         "token": daemon.control_token}, mode=0o600)

@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import re
-import threading
 import urllib.parse
 
 import store
@@ -62,7 +61,6 @@ class Application:
         self.runner = runner
         self.deployer = deployer
         self.control_token = control_token
-        self._intake_lock = threading.Lock()
 
     def __call__(self, environ, start_response):
         try:
@@ -105,12 +103,15 @@ class Application:
         payload = _parse_payload(body, environ.get("CONTENT_TYPE", ""))
         event = environ.get("HTTP_X_GITHUB_EVENT", "")
         delivery = _printable(environ.get("HTTP_X_GITHUB_DELIVERY", ""))[:100]
-        with self._intake_lock:
-            if delivery and self.store.seen_delivery(delivery, peek=True):
-                return _json(200, {"ignored": "duplicate delivery %s" % delivery})
+        if delivery and not self.store.claim_delivery(delivery):
+            return _json(200, {"ignored": "duplicate delivery %s" % delivery})
+        try:
             status, answer = self.route_event(event, payload)
+        except Exception:
+            # Not acted on: a redelivery of it must be allowed to try again.
             if delivery:
-                self.store.seen_delivery(delivery)
+                self.store.release_delivery(delivery)
+            raise
         log.info("delivery %s (%s): %s", delivery or "-", _printable(event)[:40],
                  answer.get("ignored") or "deploy %s" % answer.get("deploy"))
         return _json(status, answer)

@@ -281,9 +281,14 @@ class Deployer:
                 extra["repo"] = None
         record = self.store.new_deploy(app, env, sha, ref, trigger, action="deploy",
                                        **extra)
-        self.store.update_environment(app, env, queued=record["id"])
         self.notify("queued", record)
         return record
+
+    def enqueued(self, job):
+        """Remember which job waits in its lane (called under the Runner's lock)."""
+        self.store.update_environment(
+            job["app"], job["environment"],
+            queued=job["id"] if job.get("action") == "deploy" else None)
 
     def supersede(self, record, newer):
         record = self.store.update_deploy(
@@ -791,13 +796,15 @@ class Runner:
         lane = (job["app"], job["environment"])
         with self._cond:
             older = self._waiting.get(lane)
+            replaced = older is not None and older.get("action") == "deploy"
+            if replaced and job.get("action") == "deploy" and older.get("sha"):
+                job["candidates"] = list(older.get("candidates") or ()) + [older["sha"]]
             self._waiting[lane] = job
+            self.deployer.enqueued(job)
             if older is None and lane not in self._running:
                 self._ready.append(lane)
                 self._cond.notify()
-        if older is not None and older.get("action") == "deploy":
-            if job.get("action") == "deploy" and older.get("sha"):
-                job["candidates"] = list(older.get("candidates") or ()) + [older["sha"]]
+        if replaced:
             self.deployer.supersede(older, job)
         return job
 

@@ -279,6 +279,7 @@ class Store:
         self.remember_deliveries = remember_deliveries
         self.lock = threading.RLock()
         self._deliveries = None
+        self._app_cache = {}
 
     def ensure_dirs(self):
         for path in (self.home, self.apps_dir, self.state_dir, self.logs_dir,
@@ -315,11 +316,22 @@ class Store:
         return read_env_file(path)
 
     def load_apps(self):
-        """Return {name: settings} for every readable app; log the others."""
+        """Return {name: settings} for every readable app; log the others.
+
+        Files are parsed again only when their size or mtime changed, so the
+        webhook handler can afford to look through every app on each push.
+        """
         apps = {}
         for name in self.app_names():
+            path = self.app_path(name)
             try:
-                apps[name] = self.load_app(name)
+                st = os.stat(path)
+                key = (st.st_mtime_ns, st.st_size, st.st_ino)
+                cached = self._app_cache.get(name)
+                if cached is None or cached[0] != key:
+                    cached = (key, read_env_file(path))
+                    self._app_cache[name] = cached
+                apps[name] = dict(cached[1])
             except (EnvFileError, OSError) as e:
                 log.error("app %s skipped: %s", name, e)
         return apps
@@ -377,18 +389,14 @@ class Store:
 
     # -- webhook deliveries --
 
-    def seen_delivery(self, delivery, peek=False):
-        """Tell whether delivery was seen before; remember it unless peek.
+    def claim_delivery(self, delivery):
+        """Remember delivery; return False when it had been claimed before.
 
         Only the newest remember_deliveries ids are kept, across restarts.
         """
         with self.lock:
-            if self._deliveries is None:
-                self._deliveries = read_json(self._state("deliveries.json"), [])
-                self._delivery_set = set(self._deliveries)
+            self._load_deliveries()
             if delivery in self._delivery_set:
-                return True
-            if peek:
                 return False
             self._deliveries.append(delivery)
             self._delivery_set.add(delivery)
@@ -396,7 +404,21 @@ class Store:
                 self._delivery_set.discard(old)
             del self._deliveries[:-self.remember_deliveries]
             write_json(self._state("deliveries.json"), self._deliveries)
-            return False
+            return True
+
+    def release_delivery(self, delivery):
+        """Forget a claimed delivery that could not be acted on."""
+        with self.lock:
+            self._load_deliveries()
+            if delivery in self._delivery_set:
+                self._delivery_set.discard(delivery)
+                self._deliveries.remove(delivery)
+                write_json(self._state("deliveries.json"), self._deliveries)
+
+    def _load_deliveries(self):
+        if self._deliveries is None:
+            self._deliveries = read_json(self._state("deliveries.json"), [])
+            self._delivery_set = set(self._deliveries)
 
     # -- environments (state/apps.json) --
 

@@ -336,3 +336,13 @@ def test_healthz_answers(h):
 
 def test_unknown_path_is_404(h):
     assert wsgi_call(h.app, "GET", "/nope")[0] == 404
+
+
+def test_delivery_that_fails_can_be_redelivered(h):
+    data = payload("push.noaction.5")
+    data["after"] = "not-a-sha"
+    status, _ = h.hook("push", json.dumps(data).encode(), delivery="retry-me")
+    assert status == 400
+    status, answer = h.hook("push", json.dumps(payload("push.noaction.5")).encode(),
+                            delivery="retry-me")
+    assert status == 202, answer

@@ -247,3 +247,87 @@ def test_kill_leftovers_finds_processes_by_their_deploy_mark():
     finally:
         other.kill()
         marked.kill()
+
+
+# -- load --
+
+
+def test_twenty_repos_times_five_pushes_at_once_end_with_the_newest_live(
+        base_image, server_factory, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    tag = secrets.token_hex(2)
+    names = ["load-%s-%02d" % (tag, n) for n in range(20)]
+    server = server_factory()
+    pushes, ports = [], {}
+    for name in names:
+        remote = GitRemote(str(tmp_path / name))
+        ports[name] = free_port()
+        write_app(server.home, name, remote, ports[name])
+        for n in range(1, 6):
+            pushes.append((name, n, remote.commit(compose_app("%s-%d" % (name, n)))))
+    server.start()
+    st = store.Store(str(server.home))
+    watching = threading.Event()
+    most_running = {}
+
+    def watch():
+        while not watching.is_set():
+            for name in names:
+                running = [r for r in st.history(name) if r["status"] == "running"]
+                most_running[name] = max(most_running.get(name, 0), len(running))
+            time.sleep(0.05)
+
+    def send(push):
+        name, _n, sha = push
+        started = time.monotonic()
+        code, answer = post_hook(server.url, "push", push_body("tester/" + name, sha))
+        return code, time.monotonic() - started
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        random.Random(3).shuffle(pushes)
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            answers = list(pool.map(send, pushes))
+        assert all(200 <= code < 300 for code, _ in answers), answers
+        assert max(seconds for _, seconds in answers) < 1.0
+        newest = {name: sha for name, n, sha in pushes if n == 5}
+        deadline = time.monotonic() + 400
+        rows = {}
+        while time.monotonic() < deadline:
+            rows = {r["app"]: r for r in json.loads(
+                server.cli("status", "--json").stdout)}
+            if all((rows[n]["status"], rows[n]["sha"]) == ("live", newest[n])
+                   for n in names):
+                break
+            time.sleep(1)
+        for name in names:
+            assert (rows[name]["status"], rows[name]["sha"]) == (
+                "live", newest[name]), (name, server.log()[-3000:])
+            assert http_get("http://127.0.0.1:%d/" % ports[name]) == (
+                200, "%s-5\n" % name)
+        assert max(most_running.values()) == 1
+    finally:
+        watching.set()
+        watcher.join()
+        for name in names:
+            compose_down("dockrune-" + name)
+
+
+def test_slow_clients_do_not_stop_a_real_delivery(server_factory):
+    server = server_factory().start()
+    slow = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"POST /hooks/github HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        for s in slow:
+            s.sendall(b"X")     # still trickling
+        started = time.monotonic()
+        code, answer = post_hook(server.url, "ping", b'{"zen": "slow"}')
+        assert (code, answer) == (200, {"message": "pong"})
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in slow:
+            s.close()
