@@ -331,3 +331,58 @@ def test_slow_clients_do_not_stop_a_real_delivery(server_factory):
     finally:
         for s in slow:
             s.close()
+
+
+# -- hostile input --
+
+
+def test_hostile_input_never_runs_anything(base_image, server_factory, tmp_path,
+                                           app_name):
+    canary = tmp_path / "canary"
+    touch = "touch %s" % canary
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit(compose_app("safe"))
+    port = free_port()
+    server = server_factory()
+    write_app(server.home, app_name, remote, port,
+              EVIL='"$(%s)"' % touch, TICKS="'`%s`'" % touch,
+              MULTI='"line one\\nline two; %s"' % touch)
+    server.start()
+    repo = "tester/" + app_name
+
+    branches = [";" + touch, "$(%s)" % touch, "`%s`" % touch, "main\n" + touch,
+                "--upload-pack=" + touch, "../../main", "m\u0430in", "b" * 300,
+                "-" + "main"]
+    for branch in branches:
+        code, answer = post_hook(server.url, "push",
+                                 push_body(repo, sha, branch=branch))
+        assert code == 200 and answer["ignored"].startswith("push to"), branch
+    for name in ("../x", "tester/../../x", "tester/x;" + touch):
+        code, answer = post_hook(server.url, "push", push_body(name, sha))
+        assert code == 200 and "ignored" in answer, name
+
+    # Clone URLs in the payload are never used: only GIT_URL is fetched.
+    body = json.loads(push_body(repo, sha))
+    for key in ("clone_url", "git_url", "ssh_url", "svn_url", "url"):
+        body["repository"][key] = "ext::sh -c %s" % touch.replace(" ", "% ")
+    code, answer = post_hook(server.url, "push", json.dumps(body).encode())
+    assert code == 202
+    assert server.wait_deploy(answer["deploy"])["status"] == "live"
+    assert http_get("http://127.0.0.1:%d/" % port) == (200, "safe\n")
+
+    code, answer = post_hook(server.url, "push", b"[" * 50000 + b"]" * 50000)
+    assert code == 400
+    assert not canary.exists()
+
+
+def test_git_url_with_a_dangerous_transport_is_refused(server_factory, tmp_path):
+    canary = tmp_path / "canary"
+    server = server_factory()
+    os.makedirs(str(server.home / "apps"))
+    with open(str(server.home / "apps" / "ext.env"), "w") as f:
+        f.write("REPO=t/ext\nPORT=%d\nGIT_URL='ext::sh -c touch%% %s'\n"
+                % (free_port(), canary))
+    done = server.cli("deploy", "ext", "--ref", "a" * 40, check=False)
+    assert done.returncode != 0
+    assert "transport 'ext' not allowed" in done.stderr
+    assert not canary.exists()
