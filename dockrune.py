@@ -163,13 +163,30 @@ def load_settings(environ=None):
     return Settings(values)
 
 
-def setup_logging(level="info"):
+class RedactingFormatter(logging.Formatter):
+    """A formatter that replaces every secret with '***', tracebacks included."""
+
+    def __init__(self, fmt, secrets=()):
+        super().__init__(fmt)
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def format(self, record):
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def setup_logging(level="info", secrets=()):
     """Log to stderr; under systemd, leave the time stamps to journald."""
     fmt = "%(levelname)s %(name)s [%(threadName)s] %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(stream=sys.stderr, format=fmt,
-                        level=getattr(logging, level.upper(), logging.INFO))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(fmt, secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 # -- wiring ------------------------------------------------------------------------
@@ -515,7 +532,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.secrets())
         if args.command == "serve":
             return serve(settings)
         return COMMANDS[args.command](settings, args)

@@ -386,3 +386,87 @@ def test_git_url_with_a_dangerous_transport_is_refused(server_factory, tmp_path)
     assert done.returncode != 0
     assert "transport 'ext' not allowed" in done.stderr
     assert not canary.exists()
+
+
+# -- secrets --
+
+
+def test_secrets_never_reach_logs_state_api_or_git_config(
+        base_image, server_factory, tmp_path, app_name):
+    token = "ghp_" + secrets.token_hex(16)
+    password = "pw-" + secrets.token_hex(8)
+    api_token = "api-" + secrets.token_hex(8)
+    remote = GitRemote(str(tmp_path / "git"))
+    files = compose_app("env")
+    files["compose.yaml"] = (
+        "services:\n  web:\n    build: .\n    ports:\n"
+        "      - \"127.0.0.1:${PORT}:8080\"\n    environment:\n"
+        "      - LEAK_TOKEN=${DOCKRUNE_GITHUB_TOKEN:-none}\n"
+        "      - LEAK_SECRET=${DOCKRUNE_WEBHOOK_SECRET:-none}\n"
+        "    command: [\"sh\", \"-c\", \"env > /www/index.html; env; "
+        "exec httpd -f -p 8080 -h /www\"]\n")
+    sha = remote.commit(files)
+    port = free_port()
+    server = server_factory(DOCKRUNE_GITHUB_TOKEN=token,
+                            DOCKRUNE_ADMIN_PASSWORD=password,
+                            DOCKRUNE_API_TOKEN=api_token)
+    write_app(server.home, app_name, remote, port)
+    with open(os.path.join(str(server.home), "apps", "nogit.env"), "w") as f:
+        f.write("REPO=t/nogit\nPORT=%d\nGIT_URL=https://127.0.0.1:%d/t/nogit.git\n"
+                % (free_port(), free_port()))
+    server.start()
+
+    assert deploy_and_wait(server, "tester/" + app_name, sha)["status"] == "live"
+    code, page = http_get("http://127.0.0.1:%d/" % port)
+    assert code == 200 and "LEAK_TOKEN=none" in page and "LEAK_SECRET=none" in page
+    failed = server.cli("deploy", "nogit", "--ref", "main")
+    deploy_id = failed.stdout.split()[2].rstrip(";")
+    assert server.wait_deploy(deploy_id)["status"] == "failed"
+    # A torn state file makes the API fail with a logged traceback.
+    with open(os.path.join(str(server.home), "state", "history", "nogit.json"),
+              "w") as f:
+        f.write('{"torn": ')
+
+    import urllib.request
+    bodies = []
+    for path in ("/api/apps", "/api/apps/%s/deploys" % app_name,
+                 "/api/apps/nogit/deploys", "/api/deploys/%s" % deploy_id,
+                 "/api/deploys/%s/log" % deploy_id, "/admin"):
+        request = urllib.request.Request(server.url + path, headers={
+            "Authorization": "Bearer " + api_token})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                bodies.append(response.read().decode())
+        except urllib.error.HTTPError as e:
+            bodies.append(e.read().decode())
+    assert "Traceback" in server.log()
+
+    texts = ["\n".join(bodies), server.log()]
+    for root, _dirs, names in os.walk(str(server.home)):
+        for name in names:
+            path = os.path.join(root, name)
+            if name == "dockrune.env" or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                texts.append(f.read().decode("utf-8", "replace"))
+    configs = [t for t in texts if "[core]" in t]
+    assert configs, "no .git/config was searched"
+    for text in texts:
+        for secret in (token, password, api_token, "test-webhook-secret"):
+            assert secret not in text
+
+
+def test_log_formatter_redacts_secrets_in_tracebacks():
+    import logging
+    import dockrune
+    formatter = dockrune.RedactingFormatter("%(message)s", ["hunter22"])
+    try:
+        raise ValueError("token hunter22 rejected")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed with %s",
+                                   ("hunter22",), exc_info=True)
+        import sys
+        record.exc_info = sys.exc_info()
+    text = formatter.format(record)
+    assert "hunter22" not in text
+    assert "token *** rejected" in text and "failed with ***" in text
