@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 
 import handlers
+import proxy
 import runners
 import store
 
@@ -114,6 +115,14 @@ SETTINGS = (
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    ("DOCKRUNE_DOMAIN", "", _text, "dockrune's own domain, routed through Caddy"),
+    ("DOCKRUNE_CADDY_CONFIG", "", _text,
+     "the Caddyfile that imports dockrune's routes; set it to manage routes"),
+    ("DOCKRUNE_CADDY_FILE", "", _text,
+     "where dockrune writes its routes (default: $DOCKRUNE_HOME/caddy/dockrune.caddy)"),
+    ("DOCKRUNE_CADDY_ADMIN", "", _text, "Caddy's admin address, if not the default"),
+    ("DOCKRUNE_CADDY_SITE", "{domain}", _text,
+     "site address of each route; {domain} is replaced"),
     ("DOCKRUNE_RESUME", "on", _switch,
      "deploy again, at start, what a crash interrupted"),
 )
@@ -199,7 +208,8 @@ class Daemon:
         self.settings = settings
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
-        self.deployer = runners.Deployer(self.store, settings)
+        self.proxy = proxy.Proxy(self.store, settings)
+        self.deployer = runners.Deployer(self.store, settings, proxy=self.proxy)
         self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
@@ -212,6 +222,7 @@ class Daemon:
         short are deployed afresh (trigger "resume") unless DOCKRUNE_RESUME=off.
         """
         queued, interrupted = self.store.recover()
+        self.deployer.sync_routes({"app": "-", "id": "start-up"})
         for old in interrupted:
             killed = runners.kill_leftovers(old["id"])
             if killed:

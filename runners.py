@@ -257,10 +257,11 @@ class Deployer:
     not block, and an exception it raises is logged and ignored.
     """
 
-    def __init__(self, store_, settings, notify=None):
+    def __init__(self, store_, settings, notify=None, proxy=None):
         self.store = store_
         self.settings = settings
         self.notify_hook = notify
+        self.proxy = proxy
 
     def notify(self, event, record):
         if self.notify_hook is None:
@@ -359,6 +360,7 @@ class Deployer:
             if facts.get("started"):
                 fields.update(sha=record["sha"], deployed_at=record["finished_at"])
         self.store.update_environment(app, env, **fields)
+        self.sync_routes(record)
         log.info("deploy %s of %s/%s %s in %.1fs%s", deploy_id, app, env, status,
                  seconds, ": " + error if error else "")
         self.notify({"live": "live", "superseded": "superseded"}.get(status, "failed"),
@@ -402,6 +404,21 @@ class Deployer:
             raise DeployError("no app file %s" % self.store.app_path(app))
         return DeployContext(self, record, settings, dlog)
 
+    def sync_routes(self, record, overrides=None):
+        """Bring the proxy's routes in line with the state; never raises.
+
+        Returns False when the proxy refused the routes (the old ones stay).
+        """
+        if self.proxy is None:
+            return True
+        try:
+            self.proxy.sync(overrides)
+            return True
+        except Exception as e:
+            log.error("routes not updated after %s of %s: %s", record.get("id", "stop"),
+                      record.get("app"), e)
+            return False
+
     def run_stop(self, app, env):
         """Stop app/env: compose down, and remember it as stopped."""
         dlog = DeployLog(os.path.join(self.store.logs_dir, app, "stop.log"),
@@ -411,6 +428,7 @@ class Deployer:
             compose_down(self, app, env, dlog)
             summary = self.store.update_environment(app, env, status="stopped",
                                                     running=None)
+            self.sync_routes(summary)
             log.info("stopped %s/%s", app, env)
             self.notify("stopped", summary)
         except DeployError as e:
