@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 
 import handlers
+import health
 import runners
 import store
 
@@ -107,6 +108,8 @@ SETTINGS = (
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    ("DOCKRUNE_HEALTH_INTERVAL", "30", _whole,
+     "seconds between uptime checks of live apps (0: no checks)"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
                "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
@@ -178,16 +181,32 @@ class Daemon:
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
+        # Whoever wants app-down and app-up events (the alerts outbox) appends
+        # a callable listener(event, info) here.
+        self.listeners = []
+        self.health = health.HealthChecker(self.store, settings.health_interval,
+                                           notify=self.notify)
+
+    def notify(self, event, info):
+        """Hand an event to every listener; one that fails does not stop the rest."""
+        log.info("event %s for %s/%s", event, info.get("app"), info.get("environment"))
+        for listener in list(self.listeners):
+            try:
+                listener(event, info)
+            except Exception:
+                log.exception("listener for %s failed", event)
 
     def start(self):
-        """Recover from an unclean stop, then start the workers."""
+        """Recover from an unclean stop, then start the workers and health checks."""
         requeue = self.store.recover()
         self.runner.start()
         for record in requeue:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
             self.runner.submit(record)
+        self.health.start()
 
     def stop(self, timeout=10.0):
+        self.health.stop(timeout=min(timeout, 5.0))
         return self.runner.shutdown(timeout)
 
 
