@@ -245,7 +245,7 @@ class Application:
         parts = path.split("/")
         if parts == ["apps"]:
             _allow(method, "GET")
-            return _json(200, self.status_rows())
+            return _json(200, _public(self.status_rows()))
         if len(parts) >= 2 and parts[0] == "apps":
             app = parts[1]
             if not store.is_name(app) or self.load_app(app) is None:
@@ -265,7 +265,7 @@ class Application:
     def api_app(self, method, app, rest, environ):
         if not rest:
             _allow(method, "GET")
-            return _json(200, self.status_rows(app))
+            return _json(200, _public(self.status_rows(app)))
         if rest == ["deploys"]:
             _allow(method, "GET")
             limit = _query_number(environ, "limit", 50)
@@ -353,11 +353,14 @@ class Application:
                 continue
             key = "%s/%s" % (row["app"], row["environment"])
             entry = samples.get(key) or {}
-            share = health.uptime(entry, now)
+            pairs = health.day_slots(entry, now)
+            total = sum(t for _u, t in pairs)
+            share = sum(u for u, _t in pairs) / total if total else None
             row.update(ref=(envs.get(key) or {}).get("ref"),
                        health=(envs.get(key) or {}).get("health"),
                        checked_at=entry.get("checked_at"),
                        uptime_24h=None if share is None else round(share * 100, 2))
+            row[_SLOTS] = pairs
             rows.append(row)
         return rows
 
@@ -466,6 +469,7 @@ class Application:
         samples = self.store.health_samples()
         rows = self.status_rows(envs=envs, samples=samples)
         now = time.time()
+        csrf = self.csrf_token()
         counts = {}
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -474,7 +478,7 @@ class Application:
                 "%d %s" % (counts[s], s) for s in store.ENV_STATUSES if s in counts)
             or "nothing deployed yet")
         body = self.fill("overview", summary=summary, notice=self.notice(),
-                         rows=Markup("\n".join(self.env_row(r, now, samples)
+                         rows=Markup("\n".join(self.env_row(r, now, csrf)
                                                 for r in rows)) or self.fill("empty"))
         return self.page("Apps", body)
 
@@ -482,13 +486,14 @@ class Application:
         now = time.time()
         samples = self.store.health_samples()
         rows = self.status_rows(app, samples=samples)
+        csrf = self.csrf_token()
         settings = self.load_app(app) or {}
         deploys = [self.deploy_row(r, now)
                    for r in self.store.history(app, limit=ADMIN_DEPLOYS)]
         body = self.fill("app", app=app, repo=settings.get("REPO") or "-",
                          branch=settings.get("BRANCH") or "the default branch",
                          notice=self.notice(),
-                         rows=Markup("\n".join(self.env_row(r, now, samples)
+                         rows=Markup("\n".join(self.env_row(r, now, csrf)
                                                 for r in rows)),
                          deploys=Markup("\n".join(deploys)) or self.fill("no_deploys"))
         return self.page(app, body, crumbs=Markup(" / " + html.escape(app)))
@@ -525,8 +530,7 @@ class Application:
     def fill(self, name, **values):
         """Fill the admin.html section name; escape every value but Markup."""
         return Markup(self.templates[name].substitute(
-            {k: v if isinstance(v, Markup) else html.escape(
-                "" if v is None else str(v)) for k, v in values.items()}))
+            {k: v if isinstance(v, Markup) else _escape(v) for k, v in values.items()}))
 
     def notice(self):
         if self.settings.health_interval > 0:
@@ -534,13 +538,11 @@ class Application:
         return Markup('<p class="notice">Health checks are off '
                       "(DOCKRUNE_HEALTH_INTERVAL=0): uptime is not measured.</p>")
 
-    def env_row(self, row, now, samples):
+    def env_row(self, row, now, csrf):
         status = row["status"]
-        actions = ["start"] if status == "stopped" else ["redeploy", "stop"]
-        buttons = Markup("".join(self.fill(
-            "button", app=row["app"], action=action, csrf=self.csrf_token(),
-            environment=row["environment"], label=action.capitalize())
-            for action in actions))
+        buttons = self.fill("buttons_stopped" if status == "stopped" else
+                            "buttons_running", app=row["app"], csrf=csrf,
+                            environment=row["environment"])
         domain = Markup('<a href="https://%s">%s</a>' % (
             html.escape(row["domain"]), html.escape(row["domain"]))) if (
             row["domain"]) else "-"
@@ -549,7 +551,7 @@ class Application:
             app=row["app"], repo=row["repo"] or "", environment=row["environment"],
             ref=row.get("ref") or "", status=status, commit=self.commit_link(row),
             when=self.when(row["deployed_at"], now), port=row["port"] or "-",
-            domain=domain, uptime=self.uptime_bar(row, now, samples),
+            domain=domain, uptime=self.uptime_bar(row),
             buttons=buttons)
 
     def deploy_row(self, record, now):
@@ -585,24 +587,20 @@ class Application:
             html.escape(iso), html.escape(iso.replace("T", " ").replace(
                 "Z", " UTC")), html.escape(_ago(iso, now))))
 
-    def uptime_bar(self, row, now, samples):
+    def uptime_bar(self, row):
         """Return the 24-hour uptime as a small SVG: one bar per half hour."""
-        entry = samples.get("%s/%s" % (row["app"], row["environment"]))
-        pairs = health.day_slots(entry, now)
-        runs = []
-        for up, total in pairs:
-            colour = (UPTIME_COLOURS["none"] if not total else
-                      UPTIME_COLOURS["up"] if up == total else
-                      UPTIME_COLOURS["down"] if not up else UPTIME_COLOURS["some"])
-            if runs and runs[-1][0] == colour:
-                runs[-1][1] += 1
-            else:
-                runs.append([colour, 1])
-        bars, x = [], 0
-        for colour, width in runs:
-            bars.append('<rect x="%d" width="%d" height="7" fill="%s"/>'
-                        % (x, width, colour))
-            x += width
+        pairs = row[_SLOTS]
+        bars, start, previous = [], 0, None
+        # One rect per run of half hours of the same colour: a day that was
+        # all up is a single element, which keeps 200 rows light.
+        for x, (up, total) in enumerate(pairs + [(-1, -1)]):
+            colour = (_END if total < 0 else _NONE if not total else
+                      _UP if up == total else _DOWN if not up else _SOME)
+            if colour is not previous:
+                if previous is not None:
+                    bars.append('<rect x="%d" width="%d" height="7" fill="%s"/>'
+                                % (start, x - start, previous))
+                start, previous = x, colour
         share = row.get("uptime_24h")
         text = "-" if share is None else "%.1f%%" % share
         return self.fill("uptime", slots=len(pairs), bars=Markup("".join(bars)),
@@ -614,8 +612,13 @@ class Application:
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admin.html")
 _SECTION_RE = re.compile(r"^<!-- @([a-z_]+) -->$")
 ADMIN_ACTIONS = ("redeploy", "start", "stop")
+# The key under which status_rows() hands the uptime slots to the pages; the
+# API drops it.
+_SLOTS = "_slots"
 UPTIME_COLOURS = {"none": "#d0d7de", "up": "#2da44e", "down": "#cf222e",
                   "some": "#d4a72c"}
+_NONE, _UP, _DOWN, _SOME = (UPTIME_COLOURS[k] for k in ("none", "up", "down", "some"))
+_END = "end"
 
 
 def load_templates(path=TEMPLATE_PATH):
@@ -632,6 +635,24 @@ def load_templates(path=TEMPLATE_PATH):
             sections[name].append(line)
     return {key: string.Template("\n".join(body).strip("\n") + "\n")
             for key, body in sections.items()}
+
+
+_SPECIAL_RE = re.compile(r"[&<>\"']")
+
+
+def _escape(value):
+    """Return value as HTML text; the common case, nothing to escape, is fast."""
+    if value is None:
+        return ""
+    text = str(value)
+    return html.escape(text) if _SPECIAL_RE.search(text) else text
+
+
+def _public(rows):
+    """Return status rows without the keys that are only for the pages."""
+    for row in rows:
+        row.pop(_SLOTS, None)
+    return rows
 
 
 def _same_secret(given, expected):
@@ -666,8 +687,7 @@ def _read_log_tail(path, limit):
 def _ago(iso, now):
     """Return '3 min ago' for an ISO 8601 UTC time; the text itself if unparsable."""
     try:
-        then = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.timezone.utc).timestamp()
+        then = datetime.datetime.fromisoformat(iso).timestamp()
     except (TypeError, ValueError):
         return str(iso)
     seconds = int(now - then)

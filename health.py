@@ -57,9 +57,12 @@ def day_slots(entry, now):
 
     A slot without any check is (0, 0).
     """
-    last = int(now // SLOT_SECONDS)
-    found = {s[0]: (s[1], s[2]) for s in (entry or {}).get("slots", ())}
-    return [found.get(slot, (0, 0)) for slot in range(last - KEEP_SLOTS + 1, last + 1)]
+    first = int(now // SLOT_SECONDS) - KEEP_SLOTS + 1
+    pairs = [(0, 0)] * KEEP_SLOTS
+    for slot, up, total in (entry or {}).get("slots", ()):
+        if 0 <= slot - first < KEEP_SLOTS:
+            pairs[slot - first] = (up, total)
+    return pairs
 
 
 def uptime(entry, now):

@@ -279,6 +279,7 @@ class Store:
         self.remember_deliveries = remember_deliveries
         self.lock = threading.RLock()
         self._deliveries = None
+        self._app_cache = {}
 
     def ensure_dirs(self):
         for path in (self.home, self.apps_dir, self.state_dir, self.logs_dir,
@@ -310,9 +311,21 @@ class Store:
         Raises EnvFileError when the file is malformed.
         """
         path = self.app_path(app)
-        if not os.path.exists(path):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
             return None
-        return read_env_file(path)
+        # Parsing is what costs when every page lists every app: keep each
+        # file's settings until the file changes.
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self.lock:
+            cached = self._app_cache.get(path)
+        if cached and cached[0] == stamp:
+            return dict(cached[1])
+        settings = read_env_file(path)
+        with self.lock:
+            self._app_cache[path] = (stamp, dict(settings))
+        return settings
 
     def load_apps(self):
         """Return {name: settings} for every readable app; log the others."""
@@ -445,9 +458,12 @@ class Store:
         caller that has read it already.
         """
         envs = self.environments() if envs is None else envs
+        by_app = {}
+        for key in envs:
+            by_app.setdefault(key.split("/", 1)[0], []).append(key)
         result = []
         for app, settings in self.load_apps().items():
-            keys = sorted(k for k in envs if k.split("/", 1)[0] == app)
+            keys = sorted(by_app.get(app, ()))
             if "%s/production" % app not in keys:
                 keys.insert(0, "%s/production" % app)
             for key in keys:
