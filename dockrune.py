@@ -185,7 +185,8 @@ class Daemon:
         # a callable listener(event, info) here.
         self.listeners = []
         self.health = health.HealthChecker(self.store, settings.health_interval,
-                                           notify=self.notify)
+                                           notify=self.notify,
+                                           busy=self.runner.lane_busy)
 
     def notify(self, event, info):
         """Hand an event to every listener; one that fails does not stop the rest."""

@@ -87,8 +87,11 @@ class HealthChecker:
     """
 
     def __init__(self, store_, interval=30, notify=None, retry_delay=2.0,
-                 timeout=3.0):
+                 timeout=3.0, busy=None):
         self.store = store_
+        # busy(app, env) tells whether a deploy or a stop is queued or under
+        # way there: its answers then say nothing about the app's health.
+        self.busy = busy or (lambda app, env: False)
         self.interval = interval
         self.notify_hook = notify
         self.retry_delay = retry_delay
@@ -143,7 +146,9 @@ class HealthChecker:
                     thread_name_prefix="dockrune-probe") as pool:
                 answers = pool.map(lambda t: self.check(t[2]), targets)
                 for (key, summary, _url), (up, detail) in zip(targets, answers):
-                    results[key] = (summary, up, detail)
+                    # A stop that began while we probed is not an outage.
+                    if not self.busy(summary["app"], summary["environment"]):
+                        results[key] = (summary, up, detail)
         samples = self.record(results)
         for key, (summary, up, detail) in results.items():
             self.apply(summary, samples.get(key, {}), up, detail)
@@ -156,7 +161,8 @@ class HealthChecker:
         for key, summary in sorted(self.store.environments().items()):
             settings = apps.get(summary.get("app"))
             if (settings is None or summary.get("status") not in CHECKED
-                    or not summary.get("live_deploy") or not summary.get("port")):
+                    or not summary.get("live_deploy") or not summary.get("port")
+                    or self.busy(summary["app"], summary["environment"])):
                 continue
             path = settings.get("HEALTH_PATH") or "/"
             url = "http://127.0.0.1:%d%s" % (int(summary["port"]),

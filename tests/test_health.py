@@ -231,3 +231,14 @@ def test_health_interval_zero_turns_checks_off(tmp_path):
         assert not any(t.name == "dockrune-health" for t in threading.enumerate())
     finally:
         daemon.stop(timeout=5)
+
+
+def test_environment_with_a_job_in_its_lane_is_not_judged(home, fake_app):
+    events = []
+    live(home, "blog", fake_app.port)
+    fake_app.code = 500
+    hc = health.HealthChecker(home, retry_delay=0, busy=lambda app, env: True,
+                              notify=lambda event, info: events.append(event))
+    assert hc.check_all() == {}
+    assert home.environment("blog", "production")["status"] == "live"
+    assert events == [] and home.health_samples() == {}
