@@ -249,12 +249,3 @@ class HealthChecker:
                                                 summary["environment"], expect,
                                                 **fields)
 
-
-def describe(entry, now):
-    """Return a short text about the last check, for pages and the API."""
-    if not entry or "checked_at" not in entry:
-        return "not checked yet"
-    share = uptime(entry, now)
-    return "%s at %s%s" % ("up" if entry.get("up") else "down: " + entry.get(
-        "detail", ""), entry["checked_at"],
-        "" if share is None else ", %.1f%% over 24 h" % (share * 100))

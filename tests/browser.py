@@ -33,7 +33,8 @@ class WebSocket:
         key = base64.b64encode(os.urandom(16)).decode()
         request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                   "Sec-WebSocket-Version: 13\r\n\r\n" % (parts.path, parts.netloc, key))
+                   "Sec-WebSocket-Version: 13\r\n\r\n"
+                   % (parts.path, parts.netloc, key))
         self.sock.sendall(request.encode())
         head = b""
         while b"\r\n\r\n" not in head:

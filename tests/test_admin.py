@@ -115,12 +115,13 @@ def rows(page):
     return {(a, e): s for a, e, s in found}
 
 
-# -- auth ---------------------------------------------------------------------------
+# -- auth --------------------------------------------------------------------------
 
 ADMIN_ROUTES = [("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/apps/blog"),
                 ("GET", "/admin/deploys/20260101-000000-blog-abcd"),
                 ("GET", "/admin/deploys/20260101-000000-blog-abcd/log"),
-                ("POST", "/admin/apps/blog/redeploy"), ("POST", "/admin/apps/blog/stop"),
+                ("POST", "/admin/apps/blog/redeploy"),
+                ("POST", "/admin/apps/blog/stop"),
                 ("POST", "/admin/apps/blog/start"), ("GET", "/admin/nothing")]
 API_ROUTES = [("GET", "/api/apps"), ("GET", "/api/apps/blog"),
               ("GET", "/api/apps/blog/deploys"),
@@ -170,7 +171,7 @@ def test_admin_and_api_credentials_do_not_cross(site):
     assert site.get("/admin", headers=BEARER)[0] == 401
 
 
-# -- headers ---------------------------------------------------------------------------
+# -- headers -----------------------------------------------------------------------
 
 
 def test_admin_page_sends_security_headers_and_nonce_matches(site):
@@ -210,7 +211,7 @@ def test_admin_errors_are_plain_text(site):
     assert body == b"no app nope\n"
 
 
-# -- the overview ----------------------------------------------------------------------
+# -- the overview ------------------------------------------------------------------
 
 
 def test_overview_shows_every_environment_with_its_status(site):
@@ -284,7 +285,7 @@ def test_overview_with_no_apps_says_how_to_add_one(site):
     assert rows(page) == {}
 
 
-# -- the app page and the log page -------------------------------------------------------
+# -- the app page and the log page -------------------------------------------------
 
 
 def test_app_page_lists_environments_and_last_fifty_deploys(site):
@@ -355,7 +356,7 @@ def test_log_page_of_unknown_deploy_is_404(site):
     assert site.get("/admin/deploys/../../etc/passwd")[0] == 404
 
 
-# -- form buttons ------------------------------------------------------------------------
+# -- form buttons ------------------------------------------------------------------
 
 
 def test_redeploy_button_queues_the_branch_and_redirects_to_its_log(site):
@@ -438,7 +439,7 @@ def test_get_on_a_button_route_is_405(site):
     assert code == 405 and headers["Allow"] == "POST"
 
 
-# -- the JSON API -------------------------------------------------------------------------
+# -- the JSON API ------------------------------------------------------------------
 
 
 def api(site, method, path, data=None, query=""):
@@ -481,7 +482,8 @@ def test_api_log_follows_by_offset(site):
     os.makedirs(os.path.dirname(record["log"]), exist_ok=True)
     with open(record["log"], "w") as f:
         f.write("abc\ndef\n")
-    code, body = api(site, "GET", "/api/deploys/%s/log" % record["id"], query="offset=4")
+    code, body = api(site, "GET", "/api/deploys/%s/log" % record["id"],
+                     query="offset=4")
     assert code == 200 and body == b"def\n"
 
 
@@ -512,7 +514,7 @@ def test_api_errors_are_json_and_start_nothing(site):
     assert site.runner.jobs == []
 
 
-# -- speed ----------------------------------------------------------------------------------
+# -- speed -------------------------------------------------------------------------
 
 
 def test_overview_of_200_apps_with_1000_deploys_each_renders_fast(site, monkeypatch):
