@@ -496,7 +496,7 @@ class Application:
                          rows=Markup("\n".join(self.env_row(r, now, csrf)
                                                 for r in rows)),
                          deploys=Markup("\n".join(deploys)) or self.fill("no_deploys"))
-        return self.page(app, body, crumbs=Markup(" / " + html.escape(app)))
+        return self.page(app, body, crumbs=self.fill("crumbs_app", app=app))
 
     def page_log(self, record):
         text, offset = _read_log_tail(record["log"], MAX_LOG_PAGE)
@@ -510,9 +510,7 @@ class Application:
             when=self.when(record.get("started_at") or record["created_at"],
                            time.time()),
             offset=offset, log=text if text or active else "(nothing logged)\n")
-        crumbs = Markup(' / <a href="/admin/apps/%s">%s</a> / %s' % (
-            html.escape(record["app"]), html.escape(record["app"]),
-            html.escape(record["id"])))
+        crumbs = self.fill("crumbs_deploy", app=record["app"], id=record["id"])
         return self.page("Deploy %s" % record["id"], body, crumbs=crumbs,
                          head=self.fill("log_noscript") if active else Markup(""),
                          script="log_script")
@@ -535,8 +533,7 @@ class Application:
     def notice(self):
         if self.settings.health_interval > 0:
             return Markup("")
-        return Markup('<p class="notice">Health checks are off '
-                      "(DOCKRUNE_HEALTH_INTERVAL=0): uptime is not measured.</p>")
+        return self.fill("health_off")
 
     def env_row(self, row, now, csrf):
         status = row["status"]

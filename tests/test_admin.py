@@ -561,3 +561,10 @@ def test_overview_of_200_apps_with_1000_deploys_each_renders_fast(site, monkeypa
     print("overview of %d apps: median %.1f ms, %d bytes" % (apps, median * 1000,
                                                              len(body)))
     assert median < 0.05
+
+
+def test_overview_says_when_health_checks_are_off(tmp_path):
+    site = Site(tmp_path / "home", DOCKRUNE_HEALTH_INTERVAL="0")
+    assert "Health checks are off" in site.html("/admin")
+    site = Site(tmp_path / "other")
+    assert "Health checks are off" not in site.html("/admin")
