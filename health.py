@@ -202,7 +202,10 @@ class HealthChecker:
     def apply(self, summary, entry, up, detail):
         """Flip the environment's status and raise an event when up/down changed."""
         app, env = summary["app"], summary["environment"]
-        was = summary.get("health")
+        # What the checker last said holds for the deploy it said it of; a
+        # newer deploy starts with a clean slate.
+        was = summary.get("health") if summary.get(
+            "health_deploy") == summary.get("last_deploy") else None
         if up and was in (None, "up"):
             if was is None:
                 self._mark(summary, health="up")
@@ -245,7 +248,7 @@ class HealthChecker:
     def _mark(self, summary, **fields):
         """Write fields unless a deploy or a stop changed the environment meanwhile."""
         expect = {k: summary.get(k) for k in ("status", "last_deploy", "running")}
-        return self.store.update_environment_if(summary["app"],
-                                                summary["environment"], expect,
-                                                **fields)
+        return self.store.update_environment_if(
+            summary["app"], summary["environment"], expect,
+            health_deploy=summary.get("last_deploy"), **fields)
 

@@ -242,3 +242,19 @@ def test_environment_with_a_job_in_its_lane_is_not_judged(home, fake_app):
     assert hc.check_all() == {}
     assert home.environment("blog", "production")["status"] == "live"
     assert events == [] and home.health_samples() == {}
+
+
+def test_new_deploy_after_an_outage_is_judged_afresh(home, fake_app):
+    events = []
+    live(home, "blog", fake_app.port)
+    hc = checker(home, events)
+    fake_app.code = 500
+    hc.check_all()
+    assert home.environment("blog", "production")["status"] == "failing"
+
+    # A new deploy goes live, and its app does not answer either.
+    home.update_environment("blog", "production", status="live", last_deploy="d2",
+                            live_deploy="d2")
+    hc.check_all()
+    assert home.environment("blog", "production")["status"] == "failing"
+    assert [e for e, _i in events] == ["app-down", "app-down"]
