@@ -154,6 +154,15 @@ def test_admin_page_in_a_real_browser(base_image, server_factory, tmp_path, name
     assert "100.0%" in uptime
     browser.screenshot(os.path.join(ARTIFACTS, "admin-overview.png"))
 
+    # On a phone: the rows fold into cards and nothing needs sideways scrolling.
+    browser.call("Emulation.setDeviceMetricsOverride", width=390, height=844,
+                 deviceScaleFactor=2, mobile=True)
+    browser.navigate(server.url + "/admin")
+    assert browser.evaluate("document.documentElement.scrollWidth"
+                            " <= window.innerWidth")
+    browser.screenshot(os.path.join(ARTIFACTS, "admin-phone.png"))
+    browser.call("Emulation.clearDeviceMetricsOverride")
+
     # The failing app's page and its failed deploy's log.
     browser.navigate(server.url + "/admin/apps/" + names["failing"])
     assert_shown_as_text(browser, "app page")
@@ -188,6 +197,10 @@ def test_admin_page_in_a_real_browser(base_image, server_factory, tmp_path, name
     port = api(server, "GET", "/api/apps/" + names["live"])[0]["port"]
     assert http_get("http://127.0.0.1:%d/" % port) == (200, "live\n")
 
+    # Nothing was fetched from any other host, and no script ran that should not.
+    urls = {p["request"]["url"] for e, p in browser.events
+            if e == "Network.requestWillBeSent"}
+    assert urls and [u for u in urls if not u.startswith(server.url + "/")] == []
     dialogs = [e for e, _p in browser.events if e == "Page.javascriptDialogOpening"]
     errors = [p for e, p in browser.events if e == "Runtime.exceptionThrown"]
     assert dialogs == [] and errors == []
