@@ -546,7 +546,10 @@ class Application:
         return self.fill(
             "env_row", anchor="%s-%s" % (row["app"], row["environment"]),
             app=row["app"], repo=row["repo"] or "", environment=row["environment"],
-            ref=row.get("ref") or "", status=status, commit=self.commit_link(row),
+            ref=row.get("ref") or "", status=status, badge=self.fill(
+                "badge_linked", status=status, deploy=row["last_deploy"])
+            if store.is_deploy_id(row["last_deploy"]) else self.fill(
+                "badge", status=status), commit=self.commit_link(row),
             when=self.when(row["deployed_at"], now), port=row["port"] or "-",
             domain=domain, uptime=self.uptime_bar(row),
             buttons=buttons)

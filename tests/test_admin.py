@@ -231,7 +231,9 @@ def test_overview_shows_every_environment_with_its_status(site):
         ("blog", "production"): "live", ("blog", "pr-7"): "live",
         ("fresh", "production"): "deploying", ("shop", "production"): "failing",
         ("wiki", "production"): "stopped"}
-    assert '<span class="badge s-failing">failing</span>' in page
+    shop = site.store.environment("shop", "production")["last_deploy"]
+    assert re.search(r'<a href="/admin/deploys/%s"[^>]*><span\s+class="badge '
+                     r's-failing">failing</span></a>' % shop, page)
     assert 'href="https://github.com/o/blog/commit/%s"' % SHA in page
     assert ">%s</code>" % SHA[:7] in page
     assert '<a href="https://blog.example.org">blog.example.org</a>' in page
