@@ -4,7 +4,7 @@
 GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
 docker compose, checks that it answers, and keeps a log of every deploy.
 
-    dockrune serve                  run the daemon (webhook, API, workers)
+    dockrune serve                  run the daemon (webhook, admin, API, health)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment

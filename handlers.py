@@ -236,8 +236,11 @@ class Application:
         scheme, _, token = given.partition(" ")
         ok = False
         for expected in tokens:
-            ok |= hmac.compare_digest(token.strip().encode(), expected.encode())
+            ok |= _same_secret(token.strip(), expected)
         if scheme.lower() != "bearer" or not ok:
+            if not self.settings.api_token:
+                # Only the CLI's own token is set: say how to turn the API on.
+                raise HTTPError(503, "the API is off: set DOCKRUNE_API_TOKEN")
             raise HTTPError(401, "a valid bearer token is needed",
                             [("WWW-Authenticate", 'Bearer realm="dockrune"')])
 

@@ -166,6 +166,19 @@ def test_api_without_token_set_is_503(tmp_path, method, path):
     assert "DOCKRUNE_API_TOKEN" in json.loads(body)["error"]
 
 
+def test_api_with_only_the_cli_token_is_503_for_others(tmp_path):
+    home = tmp_path / "home"
+    settings = make_settings(home)
+    st = store.Store(str(home))
+    st.ensure_dirs()
+    app = handlers.Application(st, settings, FakeRunner(),
+                               runners.Deployer(st, settings), "cli-token")
+    assert wsgi_call(app, "GET", "/api/apps", headers=BEARER)[0] == 503
+    ok = wsgi_call(app, "GET", "/api/apps",
+                   headers={"Authorization": "Bearer cli-token"})
+    assert ok[0] == 200
+
+
 def test_admin_and_api_credentials_do_not_cross(site):
     assert site.get("/api/apps", headers=basic())[0] == 401
     assert site.get("/admin", headers=BEARER)[0] == 401
