@@ -1,13 +1,18 @@
 """Health checks: samples, status flips and app-down/app-up events."""
 
 import http.server
+import json
 import os
+import secrets
+import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
-from conftest import make_settings
+from conftest import (GitRemote, compose_app, compose_down, free_port, make_settings,
+                      post_hook, push_body)
 import dockrune
 import health
 import store
@@ -258,3 +263,56 @@ def test_new_deploy_after_an_outage_is_judged_afresh(home, fake_app):
     hc.check_all()
     assert home.environment("blog", "production")["status"] == "failing"
     assert [e for e, _i in events] == ["app-down", "app-down"]
+
+
+def test_real_container_going_down_and_up_flips_status(
+        base_image, server_factory, tmp_path):
+    name = "hc-" + secrets.token_hex(3)
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit(compose_app("up"))
+    server = server_factory(DOCKRUNE_HEALTH_INTERVAL="1", DOCKRUNE_API_TOKEN="t")
+    os.makedirs(os.path.join(str(server.home), "apps"))
+    with open(os.path.join(str(server.home), "apps", name + ".env"), "w") as f:
+        f.write("REPO=tester/%s\nGIT_URL=%s\nBRANCH=main\nPORT=%d\n"
+                % (name, remote.bare, free_port()))
+    server.start()
+
+    def status():
+        request = urllib.request.Request(server.url + "/api/apps/" + name,
+                                         headers={"Authorization": "Bearer t"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)[0]
+
+    def wait_for(wanted, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = status()
+            if row["status"] == wanted:
+                return row
+            time.sleep(0.3)
+        raise AssertionError("never %s: %r\n%s" % (wanted, row, server.log()))
+
+    def containers():
+        return subprocess.run(
+            ["docker", "ps", "-aq", "--filter",
+             "label=com.docker.compose.project=dockrune-" + name],
+            capture_output=True, text=True, timeout=60, check=True).stdout.split()
+
+    try:
+        code, answer = post_hook(server.url, "push", push_body("tester/" + name, sha))
+        assert code == 202
+        assert server.wait_deploy(answer["deploy"])["status"] == "live"
+        wait_for("live")
+        subprocess.run(["docker", "stop", "-t", "1"] + containers(), check=True,
+                       capture_output=True, timeout=60)
+        row = wait_for("failing")
+        assert row["health"] == "down"
+        subprocess.run(["docker", "start"] + containers(), check=True,
+                       capture_output=True, timeout=60)
+        row = wait_for("live")
+        assert row["health"] == "up" and 0 < row["uptime_24h"] < 100
+        log = server.log()
+        assert "event app-down for %s/production" % name in log
+        assert "event app-up for %s/production" % name in log
+    finally:
+        compose_down("dockrune-" + name)
