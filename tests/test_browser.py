@@ -171,6 +171,14 @@ def test_admin_page_in_a_real_browser(base_image, server_factory, tmp_path, name
     assert XSS in browser.evaluate("document.getElementById('log').textContent")
     browser.screenshot(os.path.join(ARTIFACTS, "admin-failed-log.png"))
 
+    # With scripts off the log still reads, all of it, as text.
+    browser.call("Emulation.setScriptExecutionDisabled", value=True)
+    browser.navigate(server.url + "/admin/deploys/" + failed["id"])
+    assert "deploy failed:" in browser.evaluate(
+        "document.getElementById('log').textContent")
+    assert_shown_as_text(browser, "log page without scripts")
+    browser.call("Emulation.setScriptExecutionDisabled", value=False)
+
     # Redeploy, clicked like a person would; the log page follows it live.
     browser.navigate(server.url + "/admin")
     mark = len(browser.events)
