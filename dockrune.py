@@ -4,7 +4,7 @@
 GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
 docker compose, checks that it answers, and keeps a log of every deploy.
 
-    dockrune serve                  run the daemon (webhook, API, workers)
+    dockrune serve                  run the daemon (webhook, admin, API, health)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 
 import handlers
+import health
 import proxy
 import runners
 import store
@@ -125,6 +126,8 @@ SETTINGS = (
      "site address of each route; {domain} is replaced"),
     ("DOCKRUNE_RESUME", "on", _switch,
      "deploy again, at start, what a crash interrupted"),
+    ("DOCKRUNE_HEALTH_INTERVAL", "30", _whole,
+     "seconds between uptime checks of live apps (0: no checks)"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
                "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
@@ -214,6 +217,21 @@ class Daemon:
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
+        # Whoever wants app-down and app-up events (the alerts outbox) appends
+        # a callable listener(event, info) here.
+        self.listeners = []
+        self.health = health.HealthChecker(self.store, settings.health_interval,
+                                           notify=self.notify,
+                                           busy=self.runner.lane_busy)
+
+    def notify(self, event, info):
+        """Hand an event to every listener; one that fails does not stop the rest."""
+        log.info("event %s for %s/%s", event, info.get("app"), info.get("environment"))
+        for listener in list(self.listeners):
+            try:
+                listener(event, info)
+            except Exception:
+                log.exception("listener for %s failed", event)
 
     def start(self):
         """Recover from an unclean stop, then start the workers.
@@ -242,8 +260,10 @@ class Daemon:
             log.info("deploy %s of %s resumes interrupted deploy %s", record["id"],
                      record["app"], old["id"])
             self.runner.submit(record)
+        self.health.start()
 
     def stop(self, timeout=10.0):
+        self.health.stop(timeout=min(timeout, 5.0))
         return self.runner.shutdown(timeout)
 
 

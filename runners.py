@@ -831,6 +831,11 @@ class Runner:
         with self._cond:
             return len(self._running) + len(self._waiting)
 
+    def lane_busy(self, app, env):
+        """Tell whether a job for app/env is running or waiting right now."""
+        with self._cond:
+            return (app, env) in self._running or (app, env) in self._waiting
+
     def wait_idle(self, timeout):
         """Wait until no job runs or waits; return False on timeout."""
         deadline = time.monotonic() + timeout

@@ -311,9 +311,21 @@ class Store:
         Raises EnvFileError when the file is malformed.
         """
         path = self.app_path(app)
-        if not os.path.exists(path):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
             return None
-        return read_env_file(path)
+        # Parsing is what costs when every page lists every app: keep each
+        # file's settings until the file changes.
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self.lock:
+            cached = self._app_cache.get(path)
+        if cached and cached[0] == stamp:
+            return dict(cached[1])
+        settings = read_env_file(path)
+        with self.lock:
+            self._app_cache[path] = (stamp, dict(settings))
+        return settings
 
     def load_apps(self):
         """Return {name: settings} for every readable app; log the others.
@@ -442,16 +454,37 @@ class Store:
             write_json(self._state("apps.json"), envs)
             return dict(summary)
 
-    def statuses(self):
+    def update_environment_if(self, app, env, expect, **fields):
+        """Merge fields into app/env only while its summary still matches expect.
+
+        expect is {key: value}; return the new summary, or None (nothing
+        written) when the environment is gone or any expected value differs.
+        This lets a slow reader (the health checker) act on what it saw
+        without undoing a deploy or a stop that happened in the meantime.
+        """
+        with self.lock:
+            envs = read_json(self._state("apps.json"), {})
+            summary = envs.get("%s/%s" % (app, env))
+            if summary is None or any(summary.get(k) != v for k, v in expect.items()):
+                return None
+            summary.update(fields)
+            write_json(self._state("apps.json"), envs)
+            return dict(summary)
+
+    def statuses(self, envs=None):
         """Return one summary per app environment, as status --json shows it.
 
         Every app with a file has at least its production environment, even
-        before its first deploy.
+        before its first deploy.  envs is what environments() returned, for a
+        caller that has read it already.
         """
-        envs = self.environments()
+        envs = self.environments() if envs is None else envs
+        by_app = {}
+        for key in envs:
+            by_app.setdefault(key.split("/", 1)[0], []).append(key)
         result = []
         for app, settings in self.load_apps().items():
-            keys = sorted(k for k in envs if k.split("/", 1)[0] == app)
+            keys = sorted(by_app.get(app, ()))
             if "%s/production" % app not in keys:
                 keys.insert(0, "%s/production" % app)
             for key in keys:
@@ -528,6 +561,19 @@ class Store:
         """Delete an old deploy's record and log (only finished ones get here)."""
         _unlink_quietly(self._state("deploys", deploy_id + ".json"))
         _unlink_quietly(os.path.join(self.logs_dir, app, deploy_id + ".log"))
+
+    # -- health samples (state/health.json) --
+
+    def health_samples(self):
+        """Return {"<app>/<environment>": samples} as the health checker left it."""
+        return read_json(self._state("health.json"), {})
+
+    def write_health_samples(self, samples):
+        """Replace every environment's health samples (health checker only)."""
+        # Compact on purpose: the overview reads this file on every request.
+        text = json.dumps(samples, separators=(",", ":"), sort_keys=True) + "\n"
+        with self.lock:
+            write_text(self._state("health.json"), text)
 
     # -- start-up --
 

@@ -281,9 +281,12 @@ def api(h, method, path, token="ctl-token", body=b"", query=""):
     return status, data
 
 
-def test_api_without_or_with_wrong_token_is_401(h):
+def test_api_without_or_with_wrong_token_is_401(tmp_path):
+    h = Harness(tmp_path, DOCKRUNE_API_TOKEN="api-secret")
     assert api(h, "GET", "/api/apps", token=None)[0] == 401
     assert api(h, "GET", "/api/apps", token="wrong")[0] == 401
+    assert api(h, "GET", "/api/apps", token="api-secret")[0] == 200
+    assert api(h, "GET", "/api/apps", token="ctl-token")[0] == 200
 
 
 def test_api_without_any_token_configured_is_503(tmp_path):
