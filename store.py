@@ -277,7 +277,13 @@ class Store:
         self.run_dir = os.path.join(self.home, "run")
         self.keep_deploys = keep_deploys
         self.remember_deliveries = remember_deliveries
-        self.lock = threading.RLock()
+        # One lock per kind of file, so that a webhook's writes to the
+        # deliveries, a deploy record and apps.json need not wait for each
+        # other (each write is fsynced: waiting adds up under a burst).
+        self.lock = threading.RLock()           # apps.json, ports.json, recovery
+        self._records_lock = threading.RLock()  # state/deploys/*
+        self._history_lock = threading.Lock()   # state/history/*
+        self._deliveries_lock = threading.Lock()
         self._deliveries = None
         self._app_cache = {}
 
@@ -406,7 +412,7 @@ class Store:
 
         Only the newest remember_deliveries ids are kept, across restarts.
         """
-        with self.lock:
+        with self._deliveries_lock:
             self._load_deliveries()
             if delivery in self._delivery_set:
                 return False
@@ -420,7 +426,7 @@ class Store:
 
     def release_delivery(self, delivery):
         """Forget a claimed delivery that could not be acted on."""
-        with self.lock:
+        with self._deliveries_lock:
             self._load_deliveries()
             if delivery in self._delivery_set:
                 self._delivery_set.discard(delivery)
@@ -512,7 +518,7 @@ class Store:
     def new_deploy(self, app, env, sha, ref, trigger, **extra):
         """Create and return a queued deploy record for app/env."""
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        with self.lock:
+        with self._records_lock:
             while True:
                 deploy_id = "%s-%s-%s" % (stamp, app, secrets.token_hex(2))
                 if not os.path.exists(self._state("deploys", deploy_id + ".json")):
@@ -523,8 +529,9 @@ class Store:
                           error=None, log=os.path.join(self.logs_dir, app,
                                                        deploy_id + ".log"))
             write_json(self._state("deploys", deploy_id + ".json"), record)
+        with self._history_lock:
             self._append_history(app, deploy_id)
-            return record
+        return record
 
     def deploy(self, deploy_id):
         """Return the deploy record with that id, or None."""
@@ -534,7 +541,7 @@ class Store:
 
     def update_deploy(self, deploy_id, **fields):
         """Merge fields into the deploy record and return the new record."""
-        with self.lock:
+        with self._records_lock:
             record = self.deploy(deploy_id)
             if record is None:
                 raise StoreError("no deploy %r" % deploy_id)
