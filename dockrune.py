@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """dockrune: push-to-deploy for one server.
 
-GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
-docker compose, checks that it answers, and keeps a log of every deploy.
+GitHub sends a webhook; dockrune fetches the pushed commit, deploys it (docker
+compose, a Dockerfile, a Nuxt/Nitro app, a Procfile or a static site), checks
+that it answers, and keeps a log of every deploy.
 
     dockrune serve                  run the daemon (webhook, API, workers)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
+    dockrune rollback APP [DEPLOY]  deploy an earlier live version again
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
     dockrune logs APP [--deploy ID] [--follow]
@@ -106,6 +108,10 @@ SETTINGS = (
      "ports handed to apps that set no PORT"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
+    ("DOCKRUNE_KEEP_RELEASES", "3", _whole,
+     "builds kept per app for rollback (release folders, images)"),
+    ("DOCKRUNE_RUNTIME_LOG_MAX_BYTES", "5000000", _whole,
+     "size at which an app's runtime log is rotated to <log>.1"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
@@ -180,15 +186,20 @@ class Daemon:
                                         self.deployer, self.control_token)
 
     def start(self):
-        """Recover from an unclean stop, then start the workers."""
+        """Recover from an unclean stop, adopt the apps' processes, start workers."""
         requeue = self.store.recover()
+        self.deployer.supervisor.adopt_all()
+        self.deployer.supervisor.start_watching()
         self.runner.start()
         for record in requeue:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
             self.runner.submit(record)
 
     def stop(self, timeout=10.0):
-        return self.runner.shutdown(timeout)
+        """Stop the workers; the apps' processes go on running."""
+        stragglers = self.runner.shutdown(timeout)
+        self.deployer.supervisor.shutdown()
+        return stragglers
 
 
 def daemon_file(settings):
@@ -282,11 +293,12 @@ def cmd_deploy(settings, args):
     return deploy_foreground(settings, app, args.ref)
 
 
-def deploy_foreground(settings, app, ref):
-    """Deploy app in this process, printing its log as it goes."""
+def deploy_foreground(settings, app, ref, record=None):
+    """Deploy app (or run the queued record) here, printing its log as it goes."""
     daemon = Daemon(settings)
-    sha = ref if ref and handlers._SHA_RE.match(ref) else None
-    record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
+    if record is None:
+        sha = ref if ref and handlers._SHA_RE.match(ref) else None
+        record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
     result = {}
     worker = threading.Thread(target=lambda: result.update(
         daemon.deployer.run_deploy(record)), name="dockrune-deploy-%s" % app)
@@ -317,6 +329,23 @@ def follow_log(path, finished, out=None):
         if done and not chunk:
             return
         time.sleep(0.2)
+
+
+def cmd_rollback(settings, args):
+    app = _existing_app(settings, args.app)
+    daemon = running_daemon(settings)
+    if daemon:
+        answer = call_daemon(daemon, "POST", "/api/apps/%s/rollback" % app,
+                             {"deploy": args.deploy} if args.deploy else {})
+        print("queued rollback %s to %s; follow it with: dockrune logs %s --follow"
+              % (answer["deploy"], answer["rollback_to"], app))
+        return 0
+    deployer = runners.Deployer(_store(settings), settings)
+    try:
+        record = deployer.new_rollback(app, "production", args.deploy)
+    except runners.DeployError as e:
+        raise SettingsError(str(e)) from None
+    return deploy_foreground(settings, app, None, record)
 
 
 def cmd_stop(settings, args):
@@ -460,6 +489,10 @@ def build_parser():
     p = sub.add_parser("deploy", help="deploy an app now")
     p.add_argument("app")
     p.add_argument("--ref", help="branch, tag or sha (default: the app's branch)")
+    p = sub.add_parser("rollback", help="deploy an earlier live version again")
+    p.add_argument("app")
+    p.add_argument("deploy", nargs="?", metavar="DEPLOY",
+                   help="the deploy to go back to (default: the one live before)")
     p = sub.add_parser("stop", help="stop an app")
     p.add_argument("app")
     p = sub.add_parser("status", help="show every app and environment")
@@ -472,7 +505,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"deploy": cmd_deploy, "stop": cmd_stop, "status": cmd_status,
+COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop, "status": cmd_status,
             "logs": cmd_logs, "doctor": cmd_doctor}
 
 
