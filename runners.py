@@ -937,6 +937,12 @@ def deploy_procfile(ctx, facts):
     """Run BUILD= in a release folder, then supervise START= or Procfile web:."""
     command, source = start_command(ctx)
     ctx.dlog.line("web process from %s: %s" % (source, command), force=True)
+    if source == "START=" and str(ctx.port) in re.findall(r"[0-9]+", command):
+        # The .env file expands $PORT itself, to the live port: the version
+        # tried beside it would then ask for a port that is taken.
+        ctx.dlog.line("START= names port %d literally: put it in single quotes in "
+                      "the app's .env (START='... $PORT') so that each version "
+                      "gets its own port" % ctx.port, force=True)
     release = make_release(ctx, build_procfile)
 
     def launch(port):
