@@ -878,7 +878,12 @@ def remove_container(dlog, name):
     """Remove the container called name, if there is one."""
     if _quiet(["docker", "container", "inspect", name], timeout=30)[0] != 0:
         return
-    run_command(["docker", "rm", "--force", name], dlog, timeout=120)
+    try:
+        run_command(["docker", "rm", "--force", name], dlog, timeout=120)
+    except DeployError:
+        # Someone else (a stop, docker itself) may have removed it meanwhile.
+        if _quiet(["docker", "container", "inspect", name], timeout=30)[0] == 0:
+            raise
 
 
 def _log_container_tail(dlog, name):

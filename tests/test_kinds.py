@@ -10,6 +10,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -42,6 +43,13 @@ def push(server, name, sha):
 def log_of(record):
     with open(record["log"]) as f:
         return f.read()
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.2)
 
 
 def spec_of(home, name, slot="live"):
@@ -141,6 +149,7 @@ def test_dockerfile_push_runs_sha_tagged_image_on_loopback_with_app_env(
     assert "dockrune-%s-next" % app_name not in names
 
     server.cli("stop", app_name)
+    wait_for(lambda: server.status(app_name)["status"] == "stopped")
     assert http_get("http://127.0.0.1:%d/" % port)[0] is None
     assert "dockrune-%s" % app_name not in subprocess.run(
         ["docker", "ps", "-a", "--format", "{{.Names}}"], capture_output=True,
