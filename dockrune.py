@@ -306,7 +306,8 @@ def deploy_foreground(settings, app, ref, record=None):
     follow_log(record["log"], lambda: not worker.is_alive())
     worker.join()
     if result.get("status") != "live":
-        raise SettingsError("deploy %s failed: %s" % (record["id"], result.get("error")))
+        raise SettingsError("deploy %s failed: %s"
+                            % (record["id"], result.get("error")))
     return 0
 
 
@@ -417,6 +418,8 @@ def cmd_doctor(settings, _args):
         ("git", _check_command(["git", "--version"], "apt-get install git")),
         ("node", _check_command(["node", "--version"],
                                 "only Nitro apps need it: apt-get install nodejs")),
+        ("npm", _check_command(["npm", "--version"],
+                               "only Nitro apps need it: apt-get install npm")),
         ("webhook secret", (bool(settings.webhook_secret), "set" if
                             settings.webhook_secret else
                             "set DOCKRUNE_WEBHOOK_SECRET in dockrune.env")),
@@ -425,7 +428,7 @@ def cmd_doctor(settings, _args):
     failed = 0
     for name, (ok, detail) in checks:
         print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
-        failed += 0 if ok or name == "node" else 1
+        failed += 0 if ok or name in ("node", "npm") else 1
     for app in store.Store(settings.home).app_names():
         try:
             store.Store(settings.home).load_app(app)
@@ -505,7 +508,8 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop, "status": cmd_status,
+COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop,
+            "status": cmd_status,
             "logs": cmd_logs, "doctor": cmd_doctor}
 
 

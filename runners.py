@@ -677,7 +677,7 @@ def _quiet(argv, timeout=60, env=None):
     return done.returncode, done.stdout.decode("utf-8", "replace").strip()
 
 
-# -- compose: replaced in place, the previous sha brought back on failure -------------
+# -- compose: replaced in place, the previous sha brought back on failure ----------
 
 
 def deploy_compose(ctx, facts):
@@ -756,7 +756,7 @@ def compose_down(deployer, app, env, dlog):
                 dlog, timeout=300, cwd=checkout, env=environment)
 
 
-# -- dockerfile: an image per sha, a container beside the old one -------------------
+# -- dockerfile: an image per sha, a container beside the old one ------------------
 
 
 def image_name(app, sha):
@@ -794,7 +794,7 @@ def deploy_dockerfile(ctx, facts):
 
 
 def switch_container(ctx, image, inner, facts):
-    """Replace the live container with one of image; bring the old one back on failure."""
+    """Replace the live container with one of image; on failure, bring back the old."""
     name = container_name(ctx.app, ctx.env)
     code, old_image = _quiet(["docker", "container", "inspect", "--format",
                               "{{.Config.Image}}", name])
@@ -894,7 +894,7 @@ def _log_container_tail(dlog, name):
             dlog.line("  " + line, force=True)
 
 
-# -- nitro, procfile, static: a release folder and a supervised process --------------
+# -- nitro, procfile, static: a release folder and a supervised process ------------
 
 
 def deploy_nitro(ctx, facts):
@@ -1173,7 +1173,7 @@ def wait_port_free(port, timeout=15):
         time.sleep(0.2)
 
 
-# -- stopping and pruning ---------------------------------------------------------------
+# -- stopping and pruning ----------------------------------------------------------
 
 
 def stop_runtimes(deployer, app, env, dlog, keep=None):
@@ -1192,10 +1192,16 @@ def stop_runtimes(deployer, app, env, dlog, keep=None):
 
 
 def prune_releases(ctx):
-    """Keep the newest DOCKRUNE_KEEP_RELEASES releases and images; drop the rest."""
+    """Keep the newest DOCKRUNE_KEEP_RELEASES releases and images; drop the rest.
+
+    Called once the deploy went live, before its record says so: the
+    version live until now is kept whatever its age, for a rollback.
+    """
     keep = max(1, ctx.global_settings.keep_releases)
+    previous = ctx.previous()[0]
     in_use = {(ctx.supervisor.get(ctx.app, ctx.env, slot) or {}).get("cwd")
               for slot in ("live", "next")}
+    in_use.add(os.path.join(ctx.releases, previous or "-"))
     try:
         names = os.listdir(ctx.releases)
     except FileNotFoundError:
@@ -1211,16 +1217,17 @@ def prune_releases(ctx):
                           force=True)
             shutil.rmtree(path, ignore_errors=True)
     if shutil.which("docker"):
-        _prune_images(ctx, keep)
+        _prune_images(ctx, keep, (ctx.sha, previous))
 
 
-def _prune_images(ctx, keep):
+def _prune_images(ctx, keep, kept):
     repository = "dockrune/%s" % store.sanitize_name(ctx.app)
     code, out = _quiet(["docker", "image", "ls", "--format", "{{.Tag}}", repository])
     if code != 0:
         return
+    kept = {t for t in kept if t}
     # Newest first; an image a container still uses refuses to go, which is right.
-    for tag in [t for t in out.split() if t != ctx.sha][max(0, keep - 1):]:
+    for tag in [t for t in out.split() if t not in kept][max(0, keep - len(kept)):]:
         if _quiet(["docker", "image", "rm", "%s:%s" % (repository, tag)])[0] == 0:
             ctx.dlog.line("removed old image %s:%s" % (repository, tag[:12]),
                           force=True)

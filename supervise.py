@@ -247,7 +247,7 @@ class Supervisor:
     # -- watching --
 
     def adopt_all(self):
-        """After a start of dockrune: keep what runs, restart the dead, drop candidates."""
+        """On dockrune's start: keep what runs, restart the dead, drop candidates."""
         with self._lock:
             for spec in self.specs():
                 name = "%s/%s" % (spec["app"], spec["environment"])

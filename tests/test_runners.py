@@ -94,7 +94,7 @@ def session_alive(sid):
     return bool(supervise.session_members(sid))
 
 
-# -- supervision -------------------------------------------------------------------------
+# -- supervision -----------------------------------------------------------------------
 
 
 def test_killed_process_comes_back_and_stop_ends_its_whole_group(
@@ -188,7 +188,7 @@ def test_runtime_log_is_rotated_past_its_cap(tmp_path):
         sup.stop("x", "production", "live")
 
 
-# -- health-checked releases and rollback ---------------------------------------------
+# -- health-checked releases and rollback ----------------------------------------------
 
 
 def test_release_failing_its_health_check_leaves_old_version_answering(
@@ -295,7 +295,7 @@ def test_compose_release_failing_health_check_rolls_back_to_previous_sha(
         compose_down("dockrune-" + name)
 
 
-# -- small parts ---------------------------------------------------------------------------
+# -- small parts -----------------------------------------------------------------------
 
 
 def test_split_command_expands_port_and_variables_without_a_shell():
