@@ -153,6 +153,24 @@ def test_restarted_daemon_leaves_app_serving_and_adopts_it(
     wait_for(answers(port, "kept"), what="the restarted app")
 
 
+def test_cli_deploy_without_daemon_leaves_process_for_serve_to_adopt(
+        server_factory, tmp_path, app_name):
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit(web_app("from the cli"))
+    port = free_port()
+    server = server_factory()
+    write_app(server.home, app_name, remote, port)
+
+    done = server.cli("deploy", app_name)
+    assert "-----> live at" in done.stdout
+    assert http_get("http://127.0.0.1:%d/" % port) == (200, "from the cli")
+    spec = spec_of(server.home, app_name)
+    assert spec["sha"] == sha
+    server.start()
+    wait_for(lambda: "re-adopted %s/production: pid %d" % (app_name, spec["pid"])
+             in server.log(), what="the adoption")
+
+
 def test_stranger_with_a_recorded_pid_is_never_adopted_or_signalled(tmp_path):
     sup = supervise.Supervisor(str(tmp_path / "run"))
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
