@@ -1106,9 +1106,9 @@ def release_process(ctx, kind, release, launch, facts):
     sup.stop(app, env, "next")
     argv, environ = launch(second)
     ctx.dlog.line("$ " + ctx.dlog.redact(shlex.join(argv)), force=True)
-    sup.start(app, env, "next", argv, release, environ, ctx.log_path(), kind=kind,
-              sha=ctx.sha, deploy=ctx.record["id"], port=second)
     try:
+        start_process(ctx, "next", argv, release, environ, kind=kind, sha=ctx.sha,
+                      deploy=ctx.record["id"], port=second)
         check_health(ctx, port=second, alive=lambda: sup.alive(app, env, "next"))
     except DeployError:
         _log_runtime_tail(ctx)
@@ -1130,8 +1130,8 @@ def switch_process(ctx, kind, release, launch, facts):
     argv, environ = launch(ctx.port)
     try:
         wait_port_free(ctx.port)
-        sup.start(app, env, "live", argv, release, environ, ctx.log_path(),
-                  kind=kind, sha=ctx.sha, deploy=ctx.record["id"], port=ctx.port)
+        start_process(ctx, "live", argv, release, environ, kind=kind, sha=ctx.sha,
+                      deploy=ctx.record["id"], port=ctx.port)
         check_health(ctx, alive=lambda: sup.alive(app, env, "live"))
     except DeployError as e:
         _log_runtime_tail(ctx)
@@ -1141,10 +1141,23 @@ def switch_process(ctx, kind, release, launch, facts):
         ctx.dlog.step("starting the previous version (%s) again"
                       % (old.get("sha") or "?")[:12])
         facts_old = {k: old.get(k) for k in ("kind", "sha", "deploy", "port")}
-        sup.start(app, env, "live", old["argv"], old["cwd"], old["env"], old["log"],
-                  **facts_old)
+        try:
+            start_process(ctx, "live", old["argv"], old["cwd"], old["env"],
+                          **facts_old)
+        except DeployError as again:
+            raise DeployError("%s; the previous version did not start again "
+                              "either: %s" % (e, again)) from None
         facts["started"] = False
         raise DeployError("%s; the previous version serves again" % e) from None
+
+
+def start_process(ctx, slot, argv, cwd, environ, **facts):
+    """Start argv as the app's supervised process in slot; raise DeployError."""
+    try:
+        return ctx.supervisor.start(ctx.app, ctx.env, slot, argv, cwd, environ,
+                                    ctx.log_path(), **facts)
+    except OSError as e:
+        raise DeployError("cannot start %s: %s" % (argv[0], e.strerror or e)) from None
 
 
 def _log_runtime_tail(ctx):

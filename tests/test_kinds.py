@@ -113,7 +113,8 @@ def test_dockerfile_push_runs_sha_tagged_image_on_loopback_with_app_env(
     first = remote.commit(dockerfile_app("one"))
     port = free_port()
     server = server_factory()
-    write_app(server.home, app_name, remote, port, GREETING="hello-from-env")
+    write_app(server.home, app_name, remote, port, GREETING="hello-from-env",
+              HEALTH_TIMEOUT="8")
     server.start()
 
     record = push(server, app_name, first)

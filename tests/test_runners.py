@@ -215,7 +215,7 @@ def test_release_failing_its_health_check_leaves_old_version_answering(
     good = remote.commit(web_app("good"))
     port = free_port()
     server = server_factory()
-    write_app(server.home, app_name, remote, port)
+    write_app(server.home, app_name, remote, port, HEALTH_TIMEOUT="6")
     server.start()
     assert push(server, app_name, good)["status"] == "live"
     live = spec_of(server.home, app_name)
@@ -239,6 +239,12 @@ def test_release_failing_its_health_check_leaves_old_version_answering(
     record = push(server, app_name, crash)
     assert record["status"] == "failed"
     assert "exited before" in record["error"]
+    assert http_get("http://127.0.0.1:%d/" % port) == (200, "good")
+
+    missing = remote.commit({"Procfile": "web: no-such-program-here $PORT\n"})
+    record = push(server, app_name, missing)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("cannot start no-such-program-here:")
     assert http_get("http://127.0.0.1:%d/" % port) == (200, "good")
 
 
@@ -294,7 +300,7 @@ def test_compose_release_failing_health_check_rolls_back_to_previous_sha(
     good = remote.commit(compose_app("good"))
     port = free_port()
     server = server_factory()
-    write_app(server.home, name, remote, port)
+    write_app(server.home, name, remote, port, HEALTH_TIMEOUT="6")
     server.start()
     try:
         assert push(server, name, good)["status"] == "live"
