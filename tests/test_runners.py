@@ -350,3 +350,49 @@ def test_detect_kind_says_why_and_honours_start_and_type(tmp_path):
     assert runners.detect_kind(str(tmp_path))[0] == "nitro"
     with pytest.raises(runners.DeployError, match="no Dockerfile"):
         runners.detect_kind(str(tmp_path), "dockerfile")
+
+
+def test_dead_process_is_restarted_after_a_delay_and_reported(tmp_path):
+    events = []
+    sup = supervise.Supervisor(str(tmp_path / "run"),
+                               notify=lambda event, info: events.append(
+                                   (event, info["pid"], info["restarts"])))
+    code = "import time; time.sleep(60)"
+    spec = sup.start("x", "production", "live", [sys.executable, "-c", code],
+                     str(tmp_path), dict(os.environ), str(tmp_path / "x.log"))
+    try:
+        os.kill(spec["pid"], signal.SIGKILL)
+        wait_for(lambda: not sup.alive("x", "production"), what="the death")
+        sup.check()
+        assert events == [("process_exited", spec["pid"], 0)]
+        assert sup.get("x", "production")["pid"] == spec["pid"]   # not yet: backoff
+        wait_for(lambda: sup.check() or sup.alive("x", "production"), timeout=5,
+                 what="the restart")
+        again = sup.get("x", "production")
+        assert again["pid"] != spec["pid"] and again["restarts"] == 1
+        assert events[-1] == ("process_restarted", again["pid"], 1)
+    finally:
+        sup.stop("x", "production", "live")
+    assert not supervise.session_members(again["pid"])
+
+
+def test_api_rollback_without_an_earlier_live_deploy_is_a_conflict(tmp_path):
+    from conftest import wsgi_call
+    import handlers
+
+    home = tmp_path / "home"
+    settings = make_settings(home, DOCKRUNE_API_TOKEN="api-token-1234")
+    st = store.Store(str(home))
+    st.ensure_dirs()
+    (home / "apps" / "solo.env").write_text("REPO=tester/solo\n")
+    deployer = runners.Deployer(st, settings)
+    app = handlers.Application(st, settings, runners.Runner(deployer), deployer)
+    status, _headers, body = wsgi_call(
+        app, "POST", "/api/apps/solo/rollback", b"{}",
+        {"Authorization": "Bearer api-token-1234"})
+    assert status == 409
+    assert b"no earlier live deploy" in body
+    status, _headers, body = wsgi_call(
+        app, "POST", "/api/apps/solo/rollback", b'{"deploy": "../x"}',
+        {"Authorization": "Bearer api-token-1234"})
+    assert status == 400
