@@ -376,7 +376,6 @@ class Deployer:
         finally:
             dlog.close()
 
-
     def rollback_target(self, app, env, deploy_id=None):
         """Return the deploy record a rollback of app/env goes back to.
 

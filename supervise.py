@@ -106,7 +106,7 @@ class Supervisor:
         self.notify_hook = notify
         self._lock = threading.RLock()
         self._children = {}     # pid -> Popen, so that our children get reaped
-        self._retry = {}        # (app, env) -> (monotonic time of next try, delay)
+        self._retry = {}        # (app, env) -> (monotonic time of next try, restarts)
         self._stopping = threading.Event()
         self._thread = None
 
@@ -294,18 +294,20 @@ class Supervisor:
                 if key not in self._retry:
                     self._retry[key] = self._first_retry(spec)
                     self._notify("process_exited", spec)
-                when, _delay = self._retry[key]
+                when, restarts = self._retry[key]
                 if time.monotonic() >= when:
+                    spec["restarts"] = restarts
                     self._restart(spec)
 
     def _first_retry(self, spec):
+        """Return (when to restart, restarts so far) for a process found dead."""
         ran = time.time() - spec.get("started_at", 0)
+        # A process that ran for a while starts again soon; a crash loop waits longer.
         restarts = 0 if ran > STABLE_AFTER else spec.get("restarts", 0)
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** restarts)
-        spec["restarts"] = restarts
         log.warning("%s/%s (pid %s) exited after %.0fs: restarting in %.0fs",
                     spec["app"], spec["environment"], spec.get("pid"), ran, delay)
-        return time.monotonic() + delay, delay
+        return time.monotonic() + delay, restarts
 
     def _restart(self, spec):
         # The leader is gone, but a child it left may still hold the port.
@@ -316,7 +318,7 @@ class Supervisor:
         except OSError as e:
             log.error("cannot restart %s/%s: %s", spec["app"], spec["environment"], e)
             self._retry[(spec["app"], spec["environment"])] = (
-                time.monotonic() + BACKOFF_MAX, BACKOFF_MAX)
+                time.monotonic() + BACKOFF_MAX, spec["restarts"])
             return
         self._retry.pop((spec["app"], spec["environment"]), None)
         self._notify("process_restarted", spec)
