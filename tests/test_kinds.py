@@ -112,7 +112,7 @@ def test_dockerfile_push_runs_sha_tagged_image_on_loopback_with_app_env(
     remote = GitRemote(str(tmp_path / "git"))
     first = remote.commit(dockerfile_app("one"))
     port = free_port()
-    server = server_factory()
+    server = server_factory(DOCKRUNE_KEEP_RELEASES="2")
     write_app(server.home, app_name, remote, port, GREETING="hello-from-env",
               HEALTH_TIMEOUT="8")
     server.start()
@@ -148,6 +148,11 @@ def test_dockerfile_push_runs_sha_tagged_image_on_loopback_with_app_env(
     names = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"],
                            capture_output=True, text=True, timeout=60).stdout.split()
     assert "dockrune-%s-next" % app_name not in names
+    # Two builds are kept: the live one and the one live before it.
+    tags = subprocess.run(["docker", "image", "ls", "--format", "{{.Tag}}",
+                           "dockrune/" + app_name], capture_output=True, text=True,
+                          timeout=60).stdout.split()
+    assert sorted(tags) == sorted([first, fixed])
 
     server.cli("stop", app_name)
     wait_for(lambda: server.status(app_name)["status"] == "stopped")
