@@ -10,7 +10,7 @@ that it answers, and keeps a log of every deploy.
     dockrune rollback APP [DEPLOY]  deploy an earlier live version again
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
-    dockrune logs APP [--deploy ID] [--follow]
+    dockrune logs APP [--deploy ID | --runtime] [--follow]
     dockrune doctor                 check this machine and the settings
 
 Settings come from the environment or from $DOCKRUNE_HOME/dockrune.env (the
@@ -386,6 +386,8 @@ def cmd_status(settings, args):
 def cmd_logs(settings, args):
     app = _existing_app(settings, args.app)
     st = _store(settings)
+    if args.runtime:
+        return print_runtime_log(st, app, args.follow)
     if args.deploy:
         record = st.deploy(args.deploy)
         if record is None or record["app"] != app:
@@ -405,6 +407,20 @@ def cmd_logs(settings, args):
         return 0
     follow_log(record["log"], lambda: (st.deploy(record["id"]) or {}).get(
         "status") not in store.ACTIVE)
+    return 0
+
+
+def print_runtime_log(st, app, follow):
+    """Print what the app's own processes wrote (nitro, procfile, static)."""
+    path = os.path.join(st.logs_dir, app, "production.runtime.log")
+    if not os.path.exists(path):
+        raise SettingsError("%s has no runtime log: only apps that dockrune runs "
+                            "itself have one (docker apps: docker logs)" % app)
+    if follow:
+        follow_log(path, lambda: False)
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        shutil.copyfileobj(f, sys.stdout)
     return 0
 
 
@@ -504,6 +520,8 @@ def build_parser():
     p.add_argument("app")
     p.add_argument("--deploy", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--runtime", action="store_true",
+                   help="the output of the app's own process, not a deploy's log")
     sub.add_parser("doctor", help="check this machine and the settings")
     return parser
 
