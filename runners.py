@@ -1098,13 +1098,15 @@ def release_process(ctx, kind, release, launch, facts):
     """Try the release on a second port, then let it replace the old process.
 
     launch(port) returns (argv, environment) for the release on that port.
+    A procfile's argv is not logged: expanded, it may hold the app's secrets.
     """
     sup, app, env = ctx.supervisor, ctx.app, ctx.env
     second = ctx.second_port()
     ctx.dlog.step("starting the new version beside the old one on port %d" % second)
     sup.stop(app, env, "next")
     argv, environ = launch(second)
-    ctx.dlog.line("$ " + ctx.dlog.redact(shlex.join(argv)), force=True)
+    if kind != "procfile":
+        ctx.dlog.line("$ " + ctx.dlog.redact(shlex.join(argv)), force=True)
     try:
         start_process(ctx, "next", argv, release, environ, kind=kind, sha=ctx.sha,
                       deploy=ctx.record["id"], port=second)

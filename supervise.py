@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 log = logging.getLogger("dockrune.supervise")
 
@@ -182,8 +183,9 @@ class Supervisor:
         spec.update(pid=proc.pid, start_time=start_time(proc.pid),
                     started_at=time.time())
         self._save(spec)
+        # Only the program: the rest of argv may hold the app's own secrets.
         log.info("started %s/%s (%s) pid %d: %s", spec["app"], spec["environment"],
-                 spec["slot"], proc.pid, " ".join(spec["argv"])[:200])
+                 spec["slot"], proc.pid, spec["argv"][0])
 
     def stop(self, app, env, slot, grace=STOP_GRACE):
         """Stop the whole process group of app/env/slot; return its old spec."""
@@ -375,7 +377,8 @@ class StaticHandler(http.server.SimpleHTTPRequestHandler):
         path = self.translate_path(self.path)
         root = os.path.realpath(self.directory)
         real = os.path.realpath(path)
-        parts = self.path.split("?", 1)[0].split("#", 1)[0].split("/")
+        parts = urllib.parse.unquote(
+            self.path.split("?", 1)[0].split("#", 1)[0]).split("/")
         if os.path.commonpath([root, real]) != root or any(
                 p.startswith(".") and p not in ("", ".") for p in parts):
             self.send_error(404, "File not found")

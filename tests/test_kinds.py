@@ -303,6 +303,7 @@ def test_static_site_in_dist_is_served_without_listing_or_escape(
     assert http_get(base + "/assets/app.css") == (200, "body{}\n")
     assert http_get(base + "/assets/")[0] == 404
     assert http_get(base + "/.secret")[0] == 404
+    assert http_get(base + "/%2esecret")[0] == 404
     assert http_get(base + "/link.txt")[0] == 404
     assert raw_get(port, "/../notes.txt") == 404
     assert raw_get(port, "/%2e%2e/notes.txt") == 404
