@@ -249,6 +249,33 @@ def test_release_failing_its_health_check_leaves_old_version_answering(
     assert http_get("http://127.0.0.1:%d/" % port) == (200, "good")
 
 
+def test_release_failing_only_on_the_app_port_brings_the_old_one_back(
+        server_factory, tmp_path, app_name):
+    remote = GitRemote(str(tmp_path / "git"))
+    good = remote.commit(web_app("good"))
+    port = free_port()
+    server = server_factory()
+    write_app(server.home, app_name, remote, port, HEALTH_TIMEOUT="6",
+              BAD_PORT=str(port))
+    server.start()
+    assert push(server, app_name, good)["status"] == "live"
+
+    # This version passes beside the old one and fails once it takes over.
+    files = web_app("picky")
+    files["server.py"] = files["server.py"].replace(
+        "self.send_response(200)",
+        "self.send_response(500 if sys.argv[1] == os.environ['BAD_PORT'] else 200)")
+    record = push(server, app_name, remote.commit(files))
+    assert record["status"] == "failed"
+    assert record["error"].endswith("the previous version serves again")
+    assert http_get("http://127.0.0.1:%d/" % port) == (200, "good")
+    assert spec_of(server.home, app_name)["sha"] == good
+    row = server.status(app_name)
+    assert row["sha"] == good and row["status"] == "failing"
+    assert "-----> starting the previous version (%s) again" % good[:12] in log_of(
+        record)
+
+
 def test_rollback_restores_the_previous_release_without_rebuilding(
         server_factory, tmp_path, app_name):
     remote = GitRemote(str(tmp_path / "git"))
