@@ -137,9 +137,14 @@ def run_command(argv, dlog, timeout, cwd=None, env=None):
     shown = dlog.redact(shlex.join(argv))
     dlog.line("$ " + shown, force=True)
     tail = collections.deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except OSError as e:
+        # A missing tool (npm, docker) is the user's to fix, not a crash.
+        raise DeployError("cannot run %s: %s (dockrune doctor checks the tools)"
+                          % (argv[0], e.strerror or e)) from None
     reader = threading.Thread(target=_pump, args=(proc.stdout, dlog, tail),
                               name="dockrune-output-%d" % proc.pid, daemon=True)
     reader.start()
