@@ -424,3 +424,10 @@ def test_api_rollback_without_an_earlier_live_deploy_is_a_conflict(tmp_path):
         app, "POST", "/api/apps/solo/rollback", b'{"deploy": "../x"}',
         {"Authorization": "Bearer api-token-1234"})
     assert status == 400
+
+
+def test_missing_tool_fails_with_its_name_instead_of_crashing(tmp_path):
+    dlog = runners.DeployLog(str(tmp_path / "deploy.log"))
+    with pytest.raises(runners.DeployError, match="cannot run no-such-tool-here"):
+        runners.run_command(["no-such-tool-here", "--version"], dlog, timeout=5)
+    dlog.close()
