@@ -39,6 +39,8 @@ import threading
 import time
 import urllib.parse
 
+import store
+
 log = logging.getLogger("dockrune.supervise")
 
 SLOTS = ("live", "next")
@@ -144,8 +146,6 @@ class Supervisor:
         return found
 
     def _save(self, spec):
-        import store
-
         store.write_json(self.spec_path(spec["app"], spec["environment"],
                                         spec["slot"]), spec, mode=0o600)
 
