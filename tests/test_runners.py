@@ -431,3 +431,30 @@ def test_missing_tool_fails_with_its_name_instead_of_crashing(tmp_path):
     with pytest.raises(runners.DeployError, match="cannot run no-such-tool-here"):
         runners.run_command(["no-such-tool-here", "--version"], dlog, timeout=5)
     dlog.close()
+
+
+def test_changing_kind_from_compose_to_procfile_takes_over_the_port(
+        base_image, server_factory, tmp_path):
+    name = "rk-" + secrets.token_hex(3)
+    remote = GitRemote(str(tmp_path / "git"))
+    first = remote.commit(compose_app("compose"))
+    port = free_port()
+    server = server_factory()
+    write_app(server.home, name, remote, port)
+    server.start()
+    try:
+        assert push(server, name, first)["status"] == "live"
+        assert http_get("http://127.0.0.1:%d/" % port) == (200, "compose\n")
+        files = {path: None for path in compose_app("x")}
+        files.update(web_app("procfile now"))
+        record = push(server, name, remote.commit(files))
+        assert record["status"] == "live", log_of(record)
+        assert http_get("http://127.0.0.1:%d/" % port) == (200, "procfile now")
+        left = subprocess.run(["docker", "ps", "-aq", "--filter",
+                               "label=com.docker.compose.project=dockrune-" + name],
+                              capture_output=True, text=True, timeout=60).stdout
+        assert left.split() == []
+    finally:
+        runners.Deployer(store.Store(str(server.home)),
+                         make_settings(server.home)).run_stop(name, "production")
+        compose_down("dockrune-" + name)
