@@ -817,8 +817,13 @@ def switch_container(ctx, image, inner, facts):
             raise
         ctx.dlog.step("starting the previous image %s again" % old_image)
         remove_container(ctx.dlog, name)
-        run_container(ctx, old_image, name, ctx.port,
-                      container_port(ctx, old_image), "unless-stopped")
+        try:
+            run_container(ctx, old_image, name, ctx.port,
+                          container_port(ctx, old_image), "unless-stopped")
+            check_health(ctx, alive=lambda: container_running(name))
+        except DeployError as again:
+            raise DeployError("%s; %s did not start again either: %s"
+                              % (e, old_image, again)) from None
         facts["started"] = False
         raise DeployError("%s; %s serves again" % (e, old_image)) from None
 
@@ -1131,6 +1136,8 @@ def switch_process(ctx, kind, release, launch, facts):
     old = sup.get(app, env, "live")
     ctx.dlog.step("switching port %d to the new version" % ctx.port)
     stop_runtimes(ctx.deployer, app, env, ctx.dlog, keep=kind)
+    if old is not None:
+        sup.remember_previous(old)
     sup.stop(app, env, "live")
     facts["started"] = True
     argv, environ = launch(ctx.port)
@@ -1139,9 +1146,11 @@ def switch_process(ctx, kind, release, launch, facts):
         start_process(ctx, "live", argv, release, environ, kind=kind, sha=ctx.sha,
                       deploy=ctx.record["id"], port=ctx.port)
         check_health(ctx, alive=lambda: sup.alive(app, env, "live"))
+        sup.forget_previous(app, env)
     except DeployError as e:
         _log_runtime_tail(ctx)
         sup.stop(app, env, "live")
+        sup.forget_previous(app, env)
         if old is None:
             raise
         ctx.dlog.step("starting the previous version (%s) again"
@@ -1150,6 +1159,7 @@ def switch_process(ctx, kind, release, launch, facts):
         try:
             start_process(ctx, "live", old["argv"], old["cwd"], old["env"],
                           **facts_old)
+            check_health(ctx, alive=lambda: sup.alive(app, env, "live"))
         except DeployError as again:
             raise DeployError("%s; the previous version did not start again "
                               "either: %s" % (e, again)) from None
@@ -1203,6 +1213,7 @@ def stop_runtimes(deployer, app, env, dlog, keep=None):
             if spec:
                 dlog.line("stopped %s process %s (pid %s)" % (
                     spec.get("kind") or "the", slot, spec.get("pid")), force=True)
+        deployer.supervisor.forget_previous(app, env)
     if keep != "dockerfile" and shutil.which("docker"):
         for slot in ("next", "live"):
             remove_container(dlog, container_name(app, env, slot))

@@ -16,7 +16,10 @@ Every supervised process:
 
 Slots: "live" is what serves the app's port and is restarted when it dies;
 "next" is a candidate on a second port during a deploy, never restarted, and
-stopped when found after a crash.
+stopped when found after a crash; "previous" is no process but the spec of
+the version being replaced while a switch runs, until the new one has passed
+its health check: a dockrune that dies in between starts the old version
+again when it comes back (and stops the unproven new one).
 
 Run as a script, this module is also the small static file server that
 static sites are served with:
@@ -43,7 +46,7 @@ import store
 
 log = logging.getLogger("dockrune.supervise")
 
-SLOTS = ("live", "next")
+SLOTS = ("live", "next", "previous")
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0     # a process that ran this long starts a fresh backoff
@@ -149,6 +152,15 @@ class Supervisor:
         store.write_json(self.spec_path(spec["app"], spec["environment"],
                                         spec["slot"]), spec, mode=0o600)
 
+    def remember_previous(self, spec):
+        """Keep spec as the version to start again if a switch is cut short."""
+        with self._lock:
+            self._save(dict(spec, slot="previous"))
+
+    def forget_previous(self, app, env):
+        with self._lock:
+            self._forget({"app": app, "environment": env, "slot": "previous"})
+
     def _forget(self, spec):
         try:
             os.unlink(self.spec_path(spec["app"], spec["environment"], spec["slot"]))
@@ -253,7 +265,9 @@ class Supervisor:
         with self._lock:
             for spec in self.specs():
                 name = "%s/%s" % (spec["app"], spec["environment"])
-                if spec["slot"] != "live":
+                if spec["slot"] == "previous":
+                    self._adopt_previous(spec, name)
+                elif spec["slot"] != "live":
                     log.warning("stopping the leftover candidate of %s", name)
                     self.stop(spec["app"], spec["environment"], spec["slot"])
                 elif is_running(spec.get("pid"), spec.get("start_time")):
@@ -261,6 +275,17 @@ class Supervisor:
                 else:
                     log.warning("%s was not running: starting it again", name)
                     self._restart(spec)
+
+    def _adopt_previous(self, spec, name):
+        log.warning("dockrune stopped while %s switched versions: starting the "
+                    "previous one again", name)
+        self.stop(spec["app"], spec["environment"], "live")
+        self._forget(spec)
+        spec = dict(spec, slot="live", restarts=0)
+        try:
+            self._spawn(spec)
+        except OSError as e:
+            log.error("cannot start the previous version of %s: %s", name, e)
 
     def start_watching(self):
         self._stopping.clear()

@@ -458,3 +458,25 @@ def test_changing_kind_from_compose_to_procfile_takes_over_the_port(
         runners.Deployer(store.Store(str(server.home)),
                          make_settings(server.home)).run_stop(name, "production")
         compose_down("dockrune-" + name)
+
+
+def test_switch_cut_short_by_a_crash_brings_the_previous_version_back(tmp_path):
+    sup = supervise.Supervisor(str(tmp_path / "run"))
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    log = str(tmp_path / "x.log")
+    old = sup.start("x", "production", "live", sleep + ["old"], str(tmp_path),
+                    dict(os.environ), log, sha="old")
+    # What switch_process leaves behind when dockrune dies during the check.
+    sup.remember_previous(old)
+    sup.stop("x", "production", "live")
+    new = sup.start("x", "production", "live", sleep + ["new"], str(tmp_path),
+                    dict(os.environ), log, sha="new")
+    try:
+        supervise.Supervisor(str(tmp_path / "run")).adopt_all()
+        live = sup.get("x", "production")
+        assert live["sha"] == "old" and live["argv"][-1] == "old"
+        assert sup.alive("x", "production")
+        assert not supervise.is_running(new["pid"], new["start_time"])
+        assert sup.get("x", "production", "previous") is None
+    finally:
+        sup.stop("x", "production", "live")
