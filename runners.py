@@ -1079,8 +1079,7 @@ def make_release(ctx, build):
 
 def export_tree(ctx, dest):
     """Copy the files git tracks at the checked-out commit into dest."""
-    ctx.dlog.step("copying %s into release %s" % (ctx.sha[:12], os.path.basename(
-        dest).split(".tmp-")[0][:12]))
+    ctx.dlog.step("copying the files of %s into a new release" % ctx.sha[:12])
     code = subprocess.run(["git", "-C", ctx.checkout, "ls-files", "-z", "--cached"],
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     if code.returncode != 0:
