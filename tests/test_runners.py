@@ -90,6 +90,11 @@ def app_name(tmp_path):
             name, "production")
 
 
+def remove_compose_image(name):
+    subprocess.run(["docker", "image", "rm", "dockrune-%s_web" % name],
+                   capture_output=True, timeout=120)
+
+
 def session_alive(sid):
     return bool(supervise.session_members(sid))
 
@@ -345,6 +350,7 @@ def test_compose_release_failing_health_check_rolls_back_to_previous_sha(
         assert "-----> rolling back to %s" % good[:12] in log_of(record)
     finally:
         compose_down("dockrune-" + name)
+        remove_compose_image(name)
 
 
 # -- small parts -----------------------------------------------------------------------
@@ -458,6 +464,7 @@ def test_changing_kind_from_compose_to_procfile_takes_over_the_port(
         runners.Deployer(store.Store(str(server.home)),
                          make_settings(server.home)).run_stop(name, "production")
         compose_down("dockrune-" + name)
+        remove_compose_image(name)
 
 
 def test_switch_cut_short_by_a_crash_brings_the_previous_version_back(tmp_path):
