@@ -27,6 +27,7 @@ import time
 import urllib.parse
 
 import health
+import runners
 import store
 
 log = logging.getLogger("dockrune.handlers")
@@ -367,6 +368,9 @@ class Application:
             env = form.get("environment") or "production"
             self.known_environment(app, env)
             return self.manual_deploy(app, form.get("ref") or None, env)
+        if rest == ["rollback"]:
+            _allow(method, "POST")
+            return self.rollback(app, _read_form(environ))
         if rest == ["stop"]:
             _allow(method, "POST")
             env = _read_form(environ).get("environment") or "production"
@@ -387,6 +391,22 @@ class Application:
         log.info("deploy %s of %s/%s asked (%s)", record["id"], app, env, trigger)
         return _json(202, {"deploy": record["id"], "app": app, "environment": env,
                            "ref": ref})
+
+    def rollback(self, app, form):
+        env = form.get("environment") or "production"
+        deploy_id = form.get("deploy") or None
+        if not store.is_name(env):
+            raise HTTPError(400, "environment %s is not a name" % _clip(env))
+        if deploy_id is not None and not store.is_deploy_id(deploy_id):
+            raise HTTPError(400, "deploy %s is not a deploy id" % _clip(deploy_id))
+        try:
+            record = self.deployer.new_rollback(app, env, deploy_id)
+        except runners.DeployError as e:
+            raise HTTPError(409, str(e)) from None
+        self.runner.submit(record)
+        return _json(202, {"deploy": record["id"], "app": app, "environment": env,
+                           "rollback_to": record["rollback_to"],
+                           "sha": record["sha"]})
 
     def known_environment(self, app, env):
         """Return app/env's summary ({} for a production never deployed).
