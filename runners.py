@@ -939,11 +939,11 @@ def deploy_dockerfile(ctx, facts):
         check_health(ctx, port=second, alive=lambda: container_running(candidate))
     except DeployError:
         _log_container_tail(ctx.dlog, candidate)
-        raise
-    finally:
         remove_container(ctx.dlog, candidate)
+        raise
     ctx.dlog.blank()
-    switch_container(ctx, image, inner, facts)
+    hand_over(ctx, second, lambda: switch_container(ctx, image, inner, facts),
+              lambda: remove_container(ctx.dlog, candidate))
 
 
 def switch_container(ctx, image, inner, facts):
@@ -1271,11 +1271,11 @@ def release_process(ctx, kind, release, launch, facts):
         check_health(ctx, port=second, alive=lambda: sup.alive(app, env, "next"))
     except DeployError:
         _log_runtime_tail(ctx)
-        raise
-    finally:
         sup.stop(app, env, "next")
+        raise
     ctx.dlog.blank()
-    switch_process(ctx, kind, release, launch, facts)
+    hand_over(ctx, second, lambda: switch_process(ctx, kind, release, launch, facts),
+              lambda: sup.stop(app, env, "next"))
 
 
 def switch_process(ctx, kind, release, launch, facts):
@@ -1313,6 +1313,34 @@ def switch_process(ctx, kind, release, launch, facts):
                               "either: %s" % (e, again)) from None
         facts["started"] = False
         raise DeployError("%s; the previous version serves again" % e) from None
+
+
+def hand_over(ctx, second, switch, stop_next):
+    """Move the app's port to the new version while the new version serves.
+
+    Without routes, the version tried on the second port is stopped and
+    switch() restarts it on the app's port: a short gap.  With routes (Caddy
+    and a domain), the proxy is first pointed at the second port, switch()
+    then restarts the app's port behind it, and only once the proxy points
+    back at the app's port is the second one stopped: no request fails.
+    """
+    routed = bool(ctx.domain and ctx.deployer.proxy and ctx.deployer.proxy.enabled)
+    if routed:
+        routed = ctx.deployer.sync_routes(ctx.record, {(ctx.app, ctx.env): {
+            "port": second, "domain": ctx.domain}})
+    if routed:
+        ctx.dlog.step("%s routed to port %d while port %d switches"
+                      % (ctx.domain, second, ctx.port))
+    else:
+        stop_next()
+    try:
+        switch()
+    finally:
+        if routed:
+            ctx.deployer.sync_routes(ctx.record, {(ctx.app, ctx.env): {
+                "port": ctx.port, "domain": ctx.domain}})
+            ctx.dlog.step("%s routed to port %d again" % (ctx.domain, ctx.port))
+            stop_next()
 
 
 def start_process(ctx, slot, argv, cwd, environ, **facts):
