@@ -115,6 +115,8 @@ SETTINGS = (
     ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
+    ("DOCKRUNE_PREVIEW_PORT_RANGE", "9100-9899", _port_range,
+     "ports handed to preview environments"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_KEEP_RELEASES", "3", _whole,

@@ -329,6 +329,8 @@ class Deployer:
     def run(self, job):
         if job["action"] == "stop":
             self.run_stop(job["app"], job["environment"])
+        elif job["action"] == "teardown":
+            self.run_teardown(job["app"], job["environment"], job.get("reason", ""))
         else:
             self.run_deploy(job)
 
@@ -425,7 +427,36 @@ class Deployer:
             raise DeployError(str(e)) from e
         if settings is None:
             raise DeployError("no app file %s" % self.store.app_path(app))
+        if env != "production":
+            settings = self.preview_settings(app, env, record, settings)
         return DeployContext(self, record, settings, dlog)
+
+    def preview_settings(self, app, env, record, settings):
+        """Return the settings of preview app/env: the app's, its overrides, and
+        PREVIEW=1, PREVIEW_URL, PR_NUMBER; its own port and domain.
+
+        apps/<app>.preview.env overrides the app's keys in every preview.  The
+        port comes from DOCKRUNE_PREVIEW_PORT_RANGE, held until teardown; the
+        domain from PREVIEW_DOMAIN (default "{env}.{domain}").
+        """
+        path = os.path.join(self.store.apps_dir, app + ".preview.env")
+        try:
+            merged = dict(settings, **store.read_env_file(path))
+        except store.EnvFileError as e:
+            raise DeployError(str(e)) from e
+        low, high = self.settings.preview_port_range
+        try:
+            port = self.store.allocate_port("%s/%s" % (app, env), low, high)
+        except store.StoreError as e:
+            raise DeployError("%s: widen DOCKRUNE_PREVIEW_PORT_RANGE" % e) from None
+        merged["PORT"] = str(port)
+        merged["DOMAIN"] = preview_domain(app, env, merged, self.settings)
+        merged["PREVIEW"] = "1"
+        merged["PREVIEW_URL"] = ("https://%s" % merged["DOMAIN"] if merged["DOMAIN"]
+                                 else "http://127.0.0.1:%d" % port)
+        if record.get("pr"):
+            merged["PR_NUMBER"] = str(record["pr"])
+        return merged
 
     def sync_routes(self, record, overrides=None):
         """Bring the proxy's routes in line with the state; never raises.
@@ -457,6 +488,30 @@ class Deployer:
         except DeployError as e:
             log.error("stop of %s/%s failed: %s", app, env, e)
             raise
+        finally:
+            dlog.close()
+
+    def run_teardown(self, app, env, reason):
+        """Remove preview app/env completely: runtime, volumes, files, port, route."""
+        if env == "production":
+            raise DeployError("production is stopped, never torn down")
+        dlog = DeployLog(os.path.join(self.store.logs_dir, app, "teardown.log"),
+                         self.settings.log_max_bytes, secrets=self.settings.secrets())
+        try:
+            dlog.step("tearing down %s (%s): %s" % (app, env, reason))
+            stop_runtimes(self, app, env, dlog, keep="compose")
+            compose_down(self, app, env, dlog, volumes=True)
+            for path in (os.path.join(self.store.src_dir, app, env),
+                         os.path.join(self.store.home, "releases", app, env)):
+                shutil.rmtree(path, ignore_errors=True)
+            for key in ("%s/%s" % (app, env), "%s/%s/next" % (app, env)):
+                self.store.release_port(key)
+            summary = self.store.environment(app, env) or {
+                "app": app, "environment": env}
+            self.store.remove_environment(app, env)
+            self.sync_routes(summary)
+            log.info("tore down %s/%s: %s", app, env, reason)
+            self.notify("torn-down", dict(summary, status="stopped", reason=reason))
         finally:
             dlog.close()
 
@@ -578,6 +633,18 @@ class DeployContext:
         env.update(PORT=str(self.port), DOCKRUNE_APP=self.app,
                    DOCKRUNE_ENVIRONMENT=self.env, DOCKRUNE_SHA=self.sha or "")
         return env
+
+
+def preview_domain(app, env, settings, global_settings):
+    """Return the domain of preview env, or "" when there is nothing to base it on."""
+    template = settings.get("PREVIEW_DOMAIN") or "{env}.{domain}"
+    domain = settings.get("DOMAIN") or (
+        "%s.%s" % (app, global_settings.base_domain) if global_settings.base_domain
+        else "")
+    if "{domain}" in template and not domain:
+        return ""
+    return template.replace("{env}", env).replace("{app}", app).replace(
+        "{domain}", domain).lower()
 
 
 def compose_project(app, env):
@@ -832,8 +899,99 @@ def _quiet(argv, timeout=60, env=None):
 # -- compose: replaced in place, the previous sha brought back on failure ----------
 
 
+def check_preview_compose(ctx, compose_file):
+    """Refuse a preview's compose file that cannot run twice or is not safe.
+
+    The file is read as `docker compose config` renders it (variables filled
+    in).  Its output may hold the app's secrets, so it is never logged.
+    """
+    ctx.dlog.step("checking %s for a preview" % compose_file)
+    argv = compose_command() + ["-f", compose_file, "-p", ctx.project, "config"]
+    try:
+        done = subprocess.run(argv, cwd=ctx.checkout, env=ctx.app_environment(),
+                              capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=min(120, ctx.remaining()),
+                              start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DeployError("%s failed: %s" % (" ".join(argv), e)) from None
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]
+        raise DeployError("%s exited %d: %s" % (" ".join(argv), done.returncode,
+                                               ctx.dlog.redact(" | ".join(tail))))
+    problems = scan_compose_config(done.stdout.decode("utf-8", "replace"), ctx.port)
+    if problems:
+        raise DeployError("; ".join(problems))
+
+
+_HOST_MODES = ("network_mode", "pid", "ipc", "userns_mode", "uts")
+_PUBLISHED_RE = re.compile(r"published:\s*['\"]?(\d+)|"
+                           r"^-\s*['\"]?(?:[\d.]+:|\[[^\]]*\]:)?(\d+):\d+")
+_BIND_RE = re.compile(r"^-\s*['\"]?(/[^:'\"]*):|source:\s*['\"]?(/[^'\"\s]*)")
+
+
+def scan_compose_config(text, port):
+    """Return what makes a rendered compose config unfit for a preview.
+
+    A host port other than the preview's own PORT cannot be published twice;
+    privileged mode, the host's network, pid, ipc or user namespace, the
+    Docker socket or a mount of the host's root give a pull request the host.
+    """
+    problems, service, section, in_services = [], None, None, False
+    for raw in text.splitlines():
+        line = raw.strip()
+        indent = len(raw) - len(raw.lstrip(" "))
+        if not line:
+            continue
+        if indent == 0:
+            in_services, service = line == "services:", None
+            continue
+        if not in_services:
+            continue
+        if indent == 2 and line.endswith(":"):
+            service, section = line[:-1].strip("'\""), None
+            continue
+        if service is None:
+            continue
+        if indent == 4 and not line.startswith("-"):
+            key, _, value = line.partition(":")
+            value = value.strip().strip("'\"")
+            section = None if value else key
+            if key == "privileged" and value == "true":
+                problems.append("service %s asks for privileged mode, which "
+                                "previews may not have" % service)
+            if key in _HOST_MODES and value == "host":
+                problems.append("service %s asks for %s: host, which previews may "
+                                "not have" % (service, key))
+            continue
+        problems.extend(_section_problem(service, section, line, port))
+    return problems
+
+
+def _section_problem(service, section, line, port):
+    if section == "ports":
+        match = _PUBLISHED_RE.search(line)
+        published = match and (match.group(1) or match.group(2))
+        if published and int(published) != port:
+            return ["service %s publishes the fixed host port %s, which cannot run "
+                    "twice: publish \"127.0.0.1:${PORT}:<container port>\" instead"
+                    % (service, published)]
+    if section == "volumes":
+        if "docker.sock" in line:
+            return ["service %s mounts the Docker socket, which previews may not"
+                    % service]
+        match = _BIND_RE.search(line)
+        source = match and (match.group(1) or match.group(2))
+        if source and os.path.normpath(source) == "/":
+            return ["service %s mounts the host's root, which previews may not"
+                    % service]
+    return []
+
+
 def deploy_compose(ctx, facts):
     """Bring the compose project up; if it fails its health check, roll back."""
+    if ctx.env != "production":
+        check_preview_compose(ctx, find_compose_file(ctx.checkout))
+        ctx.dlog.blank()
     old_sha, old_kind = ctx.previous()
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
@@ -879,8 +1037,8 @@ def compose_up(ctx, compose_file):
     ctx.run(argv, cwd=ctx.checkout, env=ctx.app_environment())
 
 
-def compose_down(deployer, app, env, dlog):
-    """Stop and remove the app's compose project (its volumes are kept).
+def compose_down(deployer, app, env, dlog, volumes=False):
+    """Stop and remove the app's compose project (its volumes too, if asked).
 
     Without a compose file in the checkout (the project changed kind), the
     project's containers and default network are removed by their labels.
@@ -895,7 +1053,8 @@ def compose_down(deployer, app, env, dlog):
     checkout = os.path.join(deployer.store.src_dir, app, env)
     found = find_compose_file(checkout)
     if found is None:
-        run_command(["docker", "rm", "--force"] + ids.split(), dlog, timeout=120)
+        run_command(["docker", "rm", "--force", "--volumes"] + ids.split(), dlog,
+                    timeout=120)
         _quiet(["docker", "network", "rm", project + "_default"])
         return
     environment = _host_environment()
@@ -905,7 +1064,8 @@ def compose_down(deployer, app, env, dlog):
         pass
     environment.setdefault("PORT", "0")
     run_command(compose_command() + ["-f", found, "-p", project, "down",
-                                     "--remove-orphans"],
+                                     "--remove-orphans"] + (["--volumes"] if volumes
+                                                            else []),
                 dlog, timeout=300, cwd=checkout, env=environment)
 
 
