@@ -85,7 +85,8 @@ def pr_payload(repo, number, sha, action="opened", fork=None, branch="feature"):
 def preview_app(caddy, server_factory, tmp_path):
     name = "pv-" + secrets.token_hex(3)
     remote = GitRemote(str(tmp_path / "git"))
-    server = server_factory(**caddy.settings())
+    server = server_factory(DOCKRUNE_ADMIN_PASSWORD="preview-admin",
+                            **caddy.settings())
     write_app(server.home, name, remote, free_port(), DOMAIN=name + ".apps.test")
     yield name, remote, server
     for n in range(1, 4):
@@ -172,6 +173,39 @@ def test_pull_request_from_a_fork_is_not_deployed_until_approved(
     held = json.load(open(os.path.join(str(server.home), "state", "approvals.json")))
     assert held["%s/pr-1" % name]["sha"] == sha
     assert preview_route(caddy, name, 1)[1] != "from a fork\n"
+
+    # The operator approves that exact commit on the admin page.
+    import base64
+    import re
+    import urllib.parse
+    import urllib.request
+    auth = "Basic " + base64.b64encode(b"admin:preview-admin").decode()
+    request = urllib.request.Request(server.url + "/admin",
+                                     headers={"Authorization": auth})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    assert 'data-approval="%s"' % sha in page
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+    form = urllib.parse.urlencode({"csrf": csrf, "environment": "pr-1", "sha": sha})
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+
+    request = urllib.request.Request(
+        server.url + "/admin/apps/%s/approve" % name, data=form.encode(),
+        headers={"Authorization": auth, "Origin": server.url,
+                 "Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        urllib.request.build_opener(NoRedirect).open(request, timeout=10)
+        raise AssertionError("approve did not redirect to the deploy's log")
+    except urllib.error.HTTPError as e:
+        assert e.code == 303
+        deploy_id = e.headers["Location"].rsplit("/", 1)[1]
+    record = server.wait_deploy(deploy_id)
+    assert (record["status"], record["sha"], record["trigger"]) == (
+        "live", sha, "approved")
+    wait_for(lambda: preview_route(caddy, name, 1) == (200, "from a fork\n"))
 
 
 @pytest.mark.parametrize("compose,message", [
