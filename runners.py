@@ -26,6 +26,7 @@ process group.
 """
 
 import collections
+import datetime
 import json
 import logging
 import os
@@ -1653,6 +1654,114 @@ def probe(url, timeout=3):
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return None, str(reason)[:100]
+
+
+# -- preview reconciliation --------------------------------------------------------
+
+
+def parse_duration(value, default):
+    """Return seconds for '90m', '36h', '7d' or a plain number of seconds."""
+    value = (value or "").strip().lower()
+    if not value:
+        return default
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1] in units else (value, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ValueError("%r is not a duration like 36h or 7d" % value) from None
+
+
+def stale_previews(store_, now, pull_request_state=None):
+    """Return [(app, environment, reason)] of previews that should go.
+
+    A preview goes when its pull request is closed (pull_request_state(repo,
+    number) answers "closed"; None means "cannot tell" and keeps it), when it
+    has not been deployed for PREVIEW_TTL (default 7d), or when the app has more
+    than MAX_PREVIEWS (default 10): the least recently deployed go first.
+    """
+    apps = store_.load_apps()
+    by_app = {}
+    for summary in store_.environments().values():
+        if summary.get("environment") != "production" and summary.get("app") in apps:
+            by_app.setdefault(summary["app"], []).append(summary)
+    stale = []
+    for app, previews in sorted(by_app.items()):
+        settings = apps[app]
+        try:
+            ttl = parse_duration(settings.get("PREVIEW_TTL"), 7 * 86400)
+            most = int(settings.get("MAX_PREVIEWS") or 10)
+        except ValueError as e:
+            log.error("previews of %s not reconciled: %s", app, e)
+            continue
+        previews.sort(key=lambda s: s.get("deployed_at") or "", reverse=True)
+        for rank, summary in enumerate(previews):
+            reason = _stale_reason(summary, settings, now, ttl, rank, most,
+                                   pull_request_state)
+            if reason:
+                stale.append((app, summary["environment"], reason))
+    return stale
+
+
+def _stale_reason(summary, settings, now, ttl, rank, most, pull_request_state):
+    env = summary["environment"]
+    if pull_request_state and env.startswith("pr-") and env[3:].isdigit():
+        if pull_request_state(settings.get("REPO", ""), int(env[3:])) == "closed":
+            return "pull request #%s is closed" % env[3:]
+    when = summary.get("deployed_at")
+    if when and not summary.get("running") and not summary.get("queued"):
+        try:
+            age = now - datetime.datetime.fromisoformat(
+                when.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            age = 0
+        if age > ttl:
+            return "not deployed for %d h (PREVIEW_TTL)" % (age // 3600)
+    if rank >= most:
+        return "more than MAX_PREVIEWS=%d previews" % most
+    return None
+
+
+class Reconciler:
+    """Removes stale previews at start and then every interval seconds."""
+
+    def __init__(self, store_, runner, interval=3600, pull_request_state=None):
+        self.store = store_
+        self.runner = runner
+        self.interval = interval
+        self.pull_request_state = pull_request_state
+        self._stopping = threading.Event()
+        self._thread = None
+
+    def run_once(self, now=None):
+        """Queue a teardown for every stale preview; return what was queued."""
+        stale = stale_previews(self.store, time.time() if now is None else now,
+                               self.pull_request_state)
+        for app, env, reason in stale:
+            log.info("preview %s/%s goes: %s", app, env, reason)
+            self.runner.submit({"action": "teardown", "app": app, "environment": env,
+                                "reason": reason})
+        return stale
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="dockrune-reconcile")
+        self._thread.start()
+
+    def stop(self, timeout=5.0):
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while not self._stopping.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("reconciling previews failed")
+            if self.interval <= 0:
+                return
+            self._stopping.wait(self.interval)
 
 
 # -- the queue ---------------------------------------------------------------------
