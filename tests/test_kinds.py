@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from conftest import (BASE_IMAGE, FIXTURES, GitRemote, free_port, http_get,
-                      make_settings, need, post_hook, push_body)
+from conftest import (BASE_IMAGE, FIXTURES, GitRemote, free_port, http_get, log_of,
+                      make_settings, need)
+import conftest
 import runners
 import store
 
@@ -25,24 +26,13 @@ NPM_CACHE = os.environ.get("DOCKRUNE_TEST_NPM_CACHE") or os.path.join(
 
 
 def write_app(home, name, remote, port, **extra):
-    os.makedirs(os.path.join(str(home), "apps"), exist_ok=True)
-    lines = ["REPO=tester/%s" % name, "GIT_URL=%s" % remote.bare, "BRANCH=main",
-             "PORT=%d" % port, "HEALTH_TIMEOUT=20"]
-    lines += ["%s=%s" % kv for kv in extra.items()]
-    with open(os.path.join(str(home), "apps", name + ".env"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    extra.setdefault("HEALTH_TIMEOUT", "20")
+    conftest.write_app(home, name, remote, port, **extra)
 
 
 def push(server, name, sha):
     """Deliver a signed push of sha; return the finished deploy record."""
-    code, answer = post_hook(server.url, "push", push_body("tester/" + name, sha))
-    assert code == 202, answer
-    return server.wait_deploy(answer["deploy"], timeout=400)
-
-
-def log_of(record):
-    with open(record["log"]) as f:
-        return f.read()
+    return conftest.push(server, name, sha, timeout=400)
 
 
 def wait_for(condition, timeout=30):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import (GitRemote, compose_app, compose_down, free_port, post_hook,
                       push_body)
-from test_integration import write_app
+from conftest import write_app
 
 
 def wait_for(check, timeout=30):

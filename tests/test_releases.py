@@ -11,33 +11,19 @@ import time
 import pytest
 
 from conftest import (GitRemote, compose_app, compose_down, free_port, http_get,
-                      make_settings, post_hook, push_body)
+                      log_of, make_settings, push)
+import conftest
 import runners
 import store
 import supervise
 
 
-# -- helpers ---------------------------------------------------------------------------
-
-
 def write_app(home, name, remote, port, **extra):
-    os.makedirs(os.path.join(str(home), "apps"), exist_ok=True)
-    lines = ["REPO=tester/%s" % name, "GIT_URL=%s" % remote.bare, "BRANCH=main",
-             "PORT=%d" % port, "HEALTH_TIMEOUT=15"]
-    lines += ["%s=%s" % kv for kv in extra.items()]
-    with open(os.path.join(str(home), "apps", name + ".env"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    extra.setdefault("HEALTH_TIMEOUT", "15")
+    conftest.write_app(home, name, remote, port, **extra)
 
 
-def push(server, name, sha):
-    code, answer = post_hook(server.url, "push", push_body("tester/" + name, sha))
-    assert code == 202, answer
-    return server.wait_deploy(answer["deploy"])
-
-
-def log_of(record):
-    with open(record["log"]) as f:
-        return f.read()
+# -- helpers ---------------------------------------------------------------------------
 
 
 def spec_of(home, name, slot="live"):

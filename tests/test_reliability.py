@@ -15,7 +15,7 @@ from conftest import (GitRemote, compose_app, compose_down, free_port, http_get,
                       make_settings, post_hook, push_body)
 import runners
 import store
-from test_integration import write_app
+from conftest import write_app
 
 
 @pytest.fixture
@@ -315,6 +315,7 @@ def test_twenty_repos_times_five_pushes_at_once_end_with_the_newest_live(
     finally:
         watching.set()
         watcher.join()
+        server.stop()   # first, so that no deploy starts a container again
         for name in names:
             compose_down("dockrune-" + name)
 
