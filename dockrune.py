@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 
+import alerts
 import handlers
 import runners
 import store
@@ -81,6 +82,30 @@ def _url(value):
     return value.rstrip("/")
 
 
+def _seconds(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not number >= 0:
+        raise ValueError("expected a number of seconds, zero or more")
+    return number
+
+
+def _header(value):
+    value = value.strip()
+    name, sep, _rest = value.partition(":")
+    if value and (not sep or not name.strip() or any(
+            c in name for c in " \t\r\n")):
+        raise ValueError('expected "Name: value", like "X-Dockrune-Key: s3cret"')
+    return value
+
+
+def _rules(value):
+    alerts.parse_rules(value)
+    return value.strip()
+
+
 # key, default, converter, what it is.  The attribute name is the key without
 # its DOCKRUNE_ prefix, in lower case (DOCKRUNE_WEBHOOK_SECRET -> webhook_secret).
 SETTINGS = (
@@ -101,6 +126,22 @@ SETTINGS = (
     ("DOCKRUNE_COACH_ARTIE_CHANNEL", "", _text, "Coach Artie channel id"),
     ("DOCKRUNE_DISCORD_WEBHOOK_URL", "", _url, "a Discord webhook"),
     ("DOCKRUNE_N8N_WEBHOOK_URL", "", _url, "an n8n Webhook node URL"),
+    ("DOCKRUNE_N8N_HEADER", "", _header,
+     'header the n8n Webhook node checks, "Name: value"'),
+    ("DOCKRUNE_ALERTS_COACH_ARTIE", alerts.DEFAULT_RULES["coach-artie"], _rules,
+     "events sent to Coach Artie (a list, all or none)"),
+    ("DOCKRUNE_ALERTS_DISCORD", alerts.DEFAULT_RULES["discord"], _rules,
+     "events sent to the Discord webhook"),
+    ("DOCKRUNE_ALERTS_N8N", alerts.DEFAULT_RULES["n8n"], _rules,
+     "events sent to n8n"),
+    ("DOCKRUNE_OUTBOX_TIMEOUT", "10", _seconds,
+     "timeout of one outbound HTTP request"),
+    ("DOCKRUNE_OUTBOX_RETRY_BASE", "2", _seconds,
+     "first retry delay of a failed outbound call; it doubles each time"),
+    ("DOCKRUNE_OUTBOX_RETRY_MAX", "300", _seconds,
+     "longest wait between retries, or asked for by a rate limit"),
+    ("DOCKRUNE_OUTBOX_MAX_AGE", "86400", _seconds,
+     "outbound calls still failing after this long are given up"),
     ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
@@ -109,7 +150,8 @@ SETTINGS = (
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
-               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
+               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN",
+               "DOCKRUNE_DISCORD_WEBHOOK_URL")
 
 
 class SettingsError(Exception):
@@ -132,7 +174,11 @@ class Settings:
 
     def secrets(self):
         """Return every secret value, so logs can redact them."""
-        return [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        found = [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        header_value = self.n8n_header.partition(":")[2].strip()
+        if header_value:
+            found.append(header_value)
+        return found
 
 
 def load_settings(environ=None):
@@ -173,7 +219,9 @@ class Daemon:
         self.settings = settings
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
-        self.deployer = runners.Deployer(self.store, settings)
+        self.alerts = alerts.Alerts(self.store, settings, user_agent())
+        self.deployer = runners.Deployer(self.store, settings,
+                                         notify=self.alerts.notify)
         self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
@@ -182,13 +230,20 @@ class Daemon:
     def start(self):
         """Recover from an unclean stop, then start the workers."""
         requeue = self.store.recover()
+        self.alerts.start()
         self.runner.start()
         for record in requeue:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
             self.runner.submit(record)
 
     def stop(self, timeout=10.0):
-        return self.runner.shutdown(timeout)
+        stragglers = self.runner.shutdown(timeout)
+        self.alerts.shutdown()
+        return stragglers
+
+
+def user_agent():
+    return "dockrune/%s (push-to-deploy; python-urllib)" % __version__
 
 
 def daemon_file(settings):
@@ -285,6 +340,7 @@ def cmd_deploy(settings, args):
 def deploy_foreground(settings, app, ref):
     """Deploy app in this process, printing its log as it goes."""
     daemon = Daemon(settings)
+    daemon.alerts.start()
     sha = ref if ref and handlers._SHA_RE.match(ref) else None
     record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
     result = {}
@@ -293,9 +349,18 @@ def deploy_foreground(settings, app, ref):
     worker.start()
     follow_log(record["log"], lambda: not worker.is_alive())
     worker.join()
+    flush_alerts(daemon.alerts)
     if result.get("status") != "live":
         raise SettingsError("deploy %s failed: %s" % (record["id"], result.get("error")))
     return 0
+
+
+def flush_alerts(alerts_, timeout=20.0):
+    """Give GitHub and the alert targets a moment; what is left waits on disk."""
+    if not alerts_.outbox.flush(timeout):
+        print("dockrune: some reports are not delivered yet; the daemon sends "
+              "them when it starts", file=sys.stderr)
+    alerts_.shutdown()
 
 
 def follow_log(path, finished, out=None):
@@ -326,11 +391,16 @@ def cmd_stop(settings, args):
         call_daemon(daemon, "POST", "/api/apps/%s/stop" % app, {})
         print("stopping %s (through the daemon)" % app)
         return 0
-    deployer = runners.Deployer(_store(settings), settings)
+    st = _store(settings)
+    alerts_ = alerts.Alerts(st, settings, user_agent())
+    alerts_.start()
+    deployer = runners.Deployer(st, settings, notify=alerts_.notify)
     try:
         deployer.run_stop(app, "production")
     except runners.DeployError as e:
         raise SettingsError("stop failed: %s" % e) from None
+    finally:
+        flush_alerts(alerts_)
     print("stopped %s" % app)
     return 0
 
