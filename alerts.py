@@ -584,12 +584,7 @@ class GitHubReporter:
         return answer
 
     def request(self, method, url, body=None):
-        headers = {"Accept": "application/vnd.github+json",
-                   "X-GitHub-Api-Version": GITHUB_API_VERSION,
-                   "Authorization": "Bearer " + self.settings.github_token,
-                   "User-Agent": self.user_agent}
-        return http_request(method, url, body, headers,
-                            timeout=self.settings.outbox_timeout)
+        return github_request(self.settings, self.user_agent, method, url, body)
 
     # -- state/github.json --
 
@@ -624,6 +619,15 @@ class GitHubReporter:
         for deploy_id in sorted(state["deploys"])[:-KEEP_GITHUB_DEPLOYS]:
             if deploy_id not in live:
                 del state["deploys"][deploy_id]
+
+
+def github_request(settings, user_agent, method, url, body=None):
+    """Make one call to the REST API with the headers GitHub asks for."""
+    headers = {"Accept": "application/vnd.github+json",
+               "X-GitHub-Api-Version": GITHUB_API_VERSION,
+               "Authorization": "Bearer " + settings.github_token,
+               "User-Agent": user_agent}
+    return http_request(method, url, body, headers, timeout=settings.outbox_timeout)
 
 
 def deployment_body(record):
@@ -1000,6 +1004,65 @@ def n8n_document(alert, text, values, record):
                        "finished": record.get("finished_at"),
                        "sent": store.utcnow()},
     }
+
+
+# -- checks (dockrune doctor) ---------------------------------------------------------
+
+
+# What dockrune does on GitHub, and a request that proves the token may do it
+# without changing anything: an empty body fails validation (422) only after
+# the permission check passed; without the permission GitHub answers 403.
+PERMISSION_PROBES = (
+    ("Deployments: write", "POST", "/deployments"),
+    ("Commit statuses: write", "POST", "/statuses/" + "0" * 40),
+    ("Pull requests: write", "POST", "/issues/0/comments"),
+)
+CLASSIC_SCOPES = {"repo", "public_repo"}
+
+
+def check_github_token(settings, repos, user_agent):
+    """Return (ok, name, detail) lines about the token and each repo's permissions."""
+    if not settings.github_token:
+        return [(True, "github token", "not set: deploys are not reported to GitHub")]
+    try:
+        answer = github_request(settings, user_agent, "GET",
+                                settings.github_api + "/rate_limit")
+    except TransportError as e:
+        return [(False, "github token", "cannot reach %s: %s"
+                 % (settings.github_api, e))]
+    if answer.status != 200:
+        return [(False, "github token", "GitHub answered %d: %s (make a new token)"
+                 % (answer.status, answer.message()))]
+    lines = [(True, "github token", "accepted by %s" % settings.github_api)]
+    scopes = answer.headers.get("x-oauth-scopes")
+    if scopes is not None:
+        granted = {s.strip() for s in scopes.split(",") if s.strip()}
+        lines.append((bool(granted & CLASSIC_SCOPES), "token scopes",
+                      "classic token with %s" % (", ".join(sorted(granted)) or
+                                                 "no scopes")
+                      + ("" if granted & CLASSIC_SCOPES else
+                         ": needs the repo scope (public_repo for public repos)")))
+    for repo in repos:
+        lines.append(_check_repo(settings, user_agent, repo))
+    return lines
+
+
+def _check_repo(settings, user_agent, repo):
+    api = "%s/repos/%s" % (settings.github_api, repo)
+    missing = []
+    for name, method, path in PERMISSION_PROBES:
+        try:
+            answer = github_request(settings, user_agent, method, api + path, {})
+        except TransportError as e:
+            return False, "github " + repo, "cannot check: %s" % e
+        if answer.status in (401, 403):
+            missing.append(name)
+        elif answer.status == 404 and path == "/deployments":
+            return False, "github " + repo, (
+                "the token cannot see %s: give it access to the repository" % repo)
+    if missing:
+        return False, "github " + repo, "token lacks %s" % ", ".join(missing)
+    return True, "github " + repo, "Deployments, Commit statuses, Pull requests: write"
 
 
 # -- together ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ docker compose, checks that it answers, and keeps a log of every deploy.
     dockrune status [--json]        every app and environment
     dockrune logs APP [--deploy ID] [--follow]
     dockrune doctor                 check this machine and the settings
+    dockrune alert test [TARGET]    send a test alert to each alert target
 
 Settings come from the environment or from $DOCKRUNE_HOME/dockrune.env (the
 environment wins); the SETTINGS table below lists them with their defaults.
@@ -467,12 +468,51 @@ def cmd_doctor(settings, _args):
     for name, (ok, detail) in checks:
         print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
         failed += 0 if ok or name == "node" else 1
+    repos = set()
     for app in store.Store(settings.home).app_names():
         try:
-            store.Store(settings.home).load_app(app)
+            repo = (store.Store(settings.home).load_app(app) or {}).get("REPO")
         except store.EnvFileError as e:
             print("FAIL %-16s %s" % ("app " + app, e))
             failed += 1
+            continue
+        if store.is_repo(repo or ""):
+            repos.add(repo)
+    for ok, name, detail in alerts.check_github_token(settings, sorted(repos),
+                                                      user_agent()):
+        print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
+        failed += 0 if ok else 1
+    templates = alerts.Templates(os.path.join(settings.home, "templates"))
+    for problem in templates.problems():
+        print("FAIL %-16s %s" % ("template", problem))
+        failed += 1
+    return 1 if failed else 0
+
+
+def cmd_alert(settings, args):
+    """Send a test alert to each configured target; print what each answered."""
+    notifier = alerts.Notifier(None, _store(settings), settings, user_agent())
+    configured = notifier.targets()
+    if args.target and args.target not in configured:
+        raise SettingsError("%s is not configured (configured: %s)" % (
+            args.target, ", ".join(configured) or "none; see DOCKRUNE_COACH_ARTIE_URL,"
+            " DOCKRUNE_DISCORD_WEBHOOK_URL, DOCKRUNE_N8N_WEBHOOK_URL"))
+    if not configured:
+        raise SettingsError("no alert target is configured: set "
+                            "DOCKRUNE_COACH_ARTIE_URL and _CHANNEL, "
+                            "DOCKRUNE_DISCORD_WEBHOOK_URL or DOCKRUNE_N8N_WEBHOOK_URL")
+    failed = 0
+    for target in [args.target] if args.target else configured:
+        try:
+            answer = notifier.post(target, notifier.test_payload(target))
+        except alerts.TransportError as e:
+            print("%-12s no answer: %s" % (target, e))
+            failed += 1
+            continue
+        ok = 200 <= answer.status < 300
+        print("%-12s %d %s" % (target, answer.status, answer.message()
+                               if answer.body else "(empty body)"))
+        failed += 0 if ok else 1
     return 1 if failed else 0
 
 
@@ -539,11 +579,15 @@ def build_parser():
     p.add_argument("--deploy", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true")
     sub.add_parser("doctor", help="check this machine and the settings")
+    p = sub.add_parser("alert", help="alert targets")
+    alert_sub = p.add_subparsers(dest="alert_command", required=True)
+    p = alert_sub.add_parser("test", help="send a test alert to each target")
+    p.add_argument("target", nargs="?", choices=alerts.ALERT_TARGETS)
     return parser
 
 
 COMMANDS = {"deploy": cmd_deploy, "stop": cmd_stop, "status": cmd_status,
-            "logs": cmd_logs, "doctor": cmd_doctor}
+            "logs": cmd_logs, "doctor": cmd_doctor, "alert": cmd_alert}
 
 
 def main(argv=None):
