@@ -840,12 +840,13 @@ class Notifier:
 
     def _failed_before(self, record):
         """Tell whether the environment's previous finished deploy failed."""
-        for older in self.store.history(record["app"], limit=100):
-            if older["id"] == record["id"] or older.get("environment") != (
-                    record["environment"]) or older["id"] > record["id"]:
-                continue
-            if older.get("status") in ("live", "failed"):
-                return older["status"] == "failed"
+        older = False       # history is newest first: skip down to record
+        for other in self.store.history(record["app"], limit=100):
+            if other["id"] == record["id"]:
+                older = True
+            elif older and other.get("environment") == record["environment"] and (
+                    other.get("status") in ("live", "failed")):
+                return other["status"] == "failed"
         return False
 
     def rules(self, target, app):
