@@ -1,0 +1,125 @@
+"""End to end with the outbox: a real daemon, git and Docker, and stand-ins for
+GitHub, Coach Artie, a Discord webhook and n8n."""
+
+import os
+import secrets
+
+import pytest
+
+from conftest import (GitRemote, compose_app, compose_down, free_port, post_hook,
+                      push_body)
+from standins import CoachArtie, Discord, GitHub, N8n
+
+CHANNEL = "123456789012345678"
+PUBLIC = "https://deploy.example.org"
+REPORTS = ["deployment", "deployment:queued", "commit:pending",
+           "deployment:in_progress", "commit:pending"]
+
+
+@pytest.fixture
+def app_name():
+    name = "ia-" + secrets.token_hex(3)
+    yield name
+    compose_down("dockrune-" + name)
+
+
+@pytest.fixture
+def outside():
+    servers = {"github": GitHub(), "coach-artie": CoachArtie(), "discord": Discord(),
+               "n8n": N8n(header=("X-Dockrune-Key", "n8n-s3cret"))}
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+def settings_env(outside):
+    gh, discord = outside["github"], outside["discord"]
+    return {"DOCKRUNE_GITHUB_TOKEN": gh.token, "DOCKRUNE_GITHUB_API": gh.url,
+            "DOCKRUNE_PUBLIC_URL": PUBLIC, "DOCKRUNE_OUTBOX_RETRY_BASE": "0.2",
+            "DOCKRUNE_OUTBOX_RETRY_MAX": "2",
+            "DOCKRUNE_COACH_ARTIE_URL": outside["coach-artie"].url,
+            "DOCKRUNE_COACH_ARTIE_CHANNEL": CHANNEL,
+            "DOCKRUNE_DISCORD_WEBHOOK_URL": discord.url + discord.path,
+            "DOCKRUNE_N8N_WEBHOOK_URL": outside["n8n"].url + "/webhook/dockrune",
+            "DOCKRUNE_N8N_HEADER": "X-Dockrune-Key: n8n-s3cret"}
+
+
+def write_app(home, name, remote, port):
+    os.makedirs(os.path.join(str(home), "apps"), exist_ok=True)
+    with open(os.path.join(str(home), "apps", name + ".env"), "w") as f:
+        f.write("REPO=tester/%s\nGIT_URL=%s\nBRANCH=main\nPORT=%d\nHEALTH_TIMEOUT=30\n"
+                % (name, remote.bare, port))
+
+
+def deploy(server, repo, sha, message):
+    code, answer = post_hook(server.url, "push", push_body(repo, sha, message=message))
+    assert code == 202, answer
+    record = server.wait_deploy(answer["deploy"])
+    return record
+
+
+def test_deploys_report_to_github_and_alert_on_failure_and_recovery(
+        base_image, server_factory, tmp_path, app_name, outside):
+    gh = outside["github"]
+    remote = GitRemote(str(tmp_path / "git"))
+    server = server_factory(**settings_env(outside))
+    write_app(server.home, app_name, remote, free_port())
+    server.start()
+    repo = "tester/" + app_name
+
+    # A good deploy: GitHub hears every step; only n8n hears of a plain success.
+    good = remote.commit(compose_app("good"), "good version")
+    record = deploy(server, repo, good, "good version")
+    assert record["status"] == "live", open(record["log"]).read()
+    gh.wait_for(lambda r: len(r) >= 7)
+    assert gh.sequence() == REPORTS + ["deployment:success", "commit:success"]
+    deployment = gh.deployments()[0]
+    assert deployment["path"] == "/repos/%s/deployments" % repo
+    assert deployment["body"]["ref"] == good
+    final = gh.calls()[-2]["body"]
+    assert final["log_url"] == "%s/admin/deploys/%s" % (PUBLIC, record["id"])
+    assert gh.calls()[-1]["path"] == "/repos/%s/statuses/%s" % (repo, good)
+    assert gh.calls()[-1]["body"]["context"] == "dockrune/" + app_name
+    outside["n8n"].wait_for(lambda r: len(r) == 1)
+    assert outside["n8n"].documents()[0]["event"] == "deploy_succeeded"
+
+    # A broken build: red on GitHub, one alert per target with the log tail.
+    bad = remote.commit(compose_app("bad", fail_build=True), "@everyone broken build")
+    record = deploy(server, repo, bad, "@everyone broken build")
+    assert record["status"] == "failed"
+    gh.wait_for(lambda r: len(r) >= 14)
+    assert gh.sequence()[7:] == REPORTS + ["deployment:failure", "commit:failure"]
+    for name in ("coach-artie", "discord", "n8n"):
+        outside[name].wait_for(lambda r: len(r) >= (2 if name == "n8n" else 1))
+    artie = outside["coach-artie"].contents()
+    assert len(artie) == 1 and "failed at %s" % bad[:7] in artie[0]
+    assert "deploy failed:" in artie[0] and "@everyone" not in artie[0]
+    embed = outside["discord"].bodies()[0]["embeds"][0]
+    assert "deploy failed:" in embed["description"]
+    failed_doc = outside["n8n"].documents()[1]
+    assert failed_doc["event"] == "deploy_failed" and failed_doc["sha"] == bad
+    assert any("deploy failed:" in line for line in failed_doc["log_tail"])
+
+    # The fix: green again, and everyone hears that it recovered.
+    fixed = remote.commit(compose_app("fixed"), "fixed")
+    record = deploy(server, repo, fixed, "fixed")
+    assert record["status"] == "live", open(record["log"]).read()
+    gh.wait_for(lambda r: len(r) >= 21)
+    assert gh.sequence()[14:] == REPORTS + ["deployment:success", "commit:success"]
+    outside["discord"].wait_for(lambda r: len(r) >= 2)
+    outside["coach-artie"].wait_for(lambda r: len(r) >= 2)
+    outside["n8n"].wait_for(lambda r: len(r) >= 3)
+    assert "recovered" in outside["coach-artie"].contents()[1]
+    assert "recovered" in outside["discord"].bodies()[1]["embeds"][0]["title"]
+    assert outside["n8n"].documents()[2]["event"] == "recovered"
+
+    for server_ in outside.values():
+        assert server_.problems == []
+    server.stop()
+    assert gh.token not in server.log()
+    for root, _dirs, files in os.walk(str(server.home)):
+        for name in files:
+            with open(os.path.join(root, name), errors="replace") as f:
+                text = f.read()
+            assert gh.token not in text and "n8n-s3cret" not in text, name
+            assert "standin-webhook-token" not in text, name
