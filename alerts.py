@@ -138,9 +138,11 @@ def judge(answer, now=None):
     """Sort an answer into (fate, seconds to wait or None, reason)."""
     now = time.time() if now is None else now
     status = answer.status
-    if 200 <= status < 300:
-        return DONE, None, "HTTP %d" % status
     wait = _rate_limit_wait(answer, now)
+    if 200 <= status < 300:
+        # The last call the window allows: wait for the reset before the next.
+        return DONE, wait if answer.headers.get(
+            "x-ratelimit-remaining") == "0" else None, "HTTP %d" % status
     if status == 429 or (status == 403 and wait is not None):
         return HOLD, 60.0 if wait is None else wait, "rate limited (HTTP %d)" % status
     if status >= 500 or status == 408:
@@ -184,11 +186,14 @@ class Outbox:
     """
 
     def __init__(self, store_, senders, retry_base=2.0, retry_max=300.0,
-                 max_age=86400.0):
+                 max_age=86400.0, hold_caps=None):
         self.store = store_
         self.senders = dict(senders)
         self.retry_base = retry_base
         self.retry_max = retry_max
+        # The longest a target's own wait (Retry-After, a rate-limit reset) is
+        # honoured; past it the call is tried again and may be told to wait.
+        self.hold_caps = dict(hold_caps or {})
         self.max_age = max_age
         self.path = os.path.join(store_.state_dir, "outbox.json")
         self._cond = threading.Condition()
@@ -314,11 +319,14 @@ class Outbox:
             item["attempts"] += 1
             item["last_error"] = None if fate == DONE else reason
             too_old = time.time() - item["created"] > self.max_age
-            if fate == DONE or fate == DROP or (fate != DONE and too_old):
+            cap = self.hold_caps.get(item["target"], self.retry_max)
+            if fate == DONE and wait:
+                self._hold[item["target"]] = time.time() + min(wait, cap)
+            if fate == DONE or fate == DROP or too_old:
                 self._items.remove(item)
                 self._report(item, fate, reason, too_old)
             elif fate == HOLD:
-                wait = min(wait, self.retry_max)
+                wait = min(wait, cap)
                 self._hold[item["target"]] = time.time() + wait
                 log.warning("outbox: %s asked to wait %.1fs (%s)", item["target"],
                             wait, reason)
@@ -334,7 +342,7 @@ class Outbox:
 
     def _report(self, item, fate, reason, too_old):
         if fate == DONE:
-            log.info("outbox: %s %s for %s delivered", item["target"], item["op"],
+            log.debug("outbox: %s %s for %s delivered", item["target"], item["op"],
                      item["chain"])
         elif too_old and fate != DROP:
             log.error("outbox: gave up %s %s for %s after %d attempts: %s",
@@ -468,10 +476,35 @@ class GitHubReporter:
         elif event == "superseded":
             newer = self.store.deploy(record.get("superseded_by") or "") or {}
             self._statuses(record, "inactive", "error", newer.get("sha"))
+            self._mark_final(record["id"])
         else:
-            state = deploy_state(record)
-            self._statuses(record, state, state)
-            self._comment(record)
+            self._finish(record)
+
+    def _finish(self, record):
+        state = deploy_state(record)
+        self._statuses(record, state, state)
+        self._comment(record)
+        self._mark_final(record["id"])
+
+    def recover(self):
+        """End on GitHub the deploys that ended while dockrune was not looking.
+
+        Call after Store.recover(): a deploy it marked interrupted (or one that
+        finished just before a crash, unreported) gets its final statuses.
+        """
+        if not self.enabled():
+            return
+        with self._lock:
+            state = self._load()
+        for deploy_id, known in sorted(state["deploys"].items()):
+            if known.get("final"):
+                continue
+            record = self.store.deploy(deploy_id)
+            if record is None or record.get("status") in store.ACTIVE:
+                continue
+            log.warning("github: reporting deploy %s, which ended %s while "
+                        "dockrune was stopped", deploy_id, record.get("status"))
+            self._finish(record)
 
     def _begin(self, record, repo, event):
         """Queue the deployment itself: the first call of the deploy's chain."""
@@ -587,6 +620,13 @@ class GitHubReporter:
         return github_request(self.settings, self.user_agent, method, url, body)
 
     # -- state/github.json --
+
+    def _mark_final(self, deploy_id):
+        with self._lock:
+            state = self._load()
+            if deploy_id in state["deploys"]:
+                state["deploys"][deploy_id]["final"] = True
+                self._save(state)
 
     def _known(self, deploy_id):
         with self._lock:
@@ -831,6 +871,8 @@ class Notifier:
         """Return the alert event for a deploy event, or None."""
         if event == "failed":
             return "deploy_failed"
+        if event in ("down", "up"):     # from a health checker, with a summary
+            return "app_" + event
         if event != "live":
             return None
         if self._failed_before(record):
@@ -892,8 +934,7 @@ class Notifier:
     def payload(self, target, alert, values, record):
         text = self.templates.render(alert, target, values)
         if target == "coach-artie":
-            return {"content": clip(neutralise(text).strip(), COACH_ARTIE_LIMIT,
-                                    TRUNCATED)}
+            return {"content": clip(text.strip(), COACH_ARTIE_LIMIT, TRUNCATED)}
         if target == "discord":
             if values["log_tail"]:
                 values = dict(values, log_tail="```\n%s\n```" % values["log_tail"])
@@ -962,11 +1003,11 @@ def discord_message(alert, text, values):
         fields.append(("Links", " · ".join(links)))
     embed = {
         "title": clip(TITLES[alert] % values["app"], DISCORD["title"]),
-        "description": neutralise(text),
+        "description": text,
         "color": COLOURS[alert], "timestamp": store.utcnow(),
         "footer": {"text": "dockrune"},
         "fields": [{"name": clip(n, DISCORD["field_name"]),
-                    "value": clip(neutralise(v) or "-", DISCORD["field_value"]),
+                    "value": clip(v, DISCORD["field_value"]),
                     "inline": n != "Links"} for n, v in fields
                    if v][:DISCORD["fields"]]}
     if values.get("log_url"):
@@ -1074,8 +1115,12 @@ class Alerts:
 
     def __init__(self, store_, settings, user_agent):
         self.settings = settings
+        # GitHub's rate-limit window is an hour: its reset time is honoured
+        # in full, up to that; alert targets wait at most the retry cap.
         self.outbox = Outbox(store_, {}, settings.outbox_retry_base,
-                             settings.outbox_retry_max, settings.outbox_max_age)
+                             settings.outbox_retry_max, settings.outbox_max_age,
+                             hold_caps={"github": max(3600.0,
+                                                      settings.outbox_retry_max)})
         self.github = GitHubReporter(self.outbox, store_, settings, user_agent)
         self.notifier = Notifier(self.outbox, store_, settings, user_agent)
         self.outbox.senders["github"] = self.github.send
@@ -1093,8 +1138,16 @@ class Alerts:
                 log.exception("alerts: %s for %s failed", event, record.get("id"))
 
     def start(self):
+        """Report what the last run left unreported, then start the senders.
+
+        Call after Store.recover(), before deploys run.
+        """
         for problem in self.notifier.templates.problems():
             log.warning("template %s", problem)
+        try:
+            self.github.recover()
+        except Exception:
+            log.exception("github: recovering unreported deploys failed")
         self.outbox.start()
 
     def shutdown(self, timeout=5.0):

@@ -155,7 +155,7 @@ def test_custom_template_renders_for_its_target_only(tmp_path, started, targets)
     simulate(st, box, outcome="failed", error="health check failed")
     assert box.outbox.flush(10)
     assert targets["coach-artie"].contents() == [
-        "BROKEN shop@\u200b%s by Ann Author: health check failed $5" % SHA1[:7]]
+        "BROKEN shop@%s by Ann Author: health check failed $5" % SHA1[:7]]
     assert "BROKEN" not in targets["discord"].bodies()[0]["embeds"][0]["description"]
 
 

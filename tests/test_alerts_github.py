@@ -274,3 +274,34 @@ def test_validator_lets_null_through_only_where_nullable():
     assert validate({"ref": "x", "description": None}, deployment) == []
     assert validate({"ref": None}, deployment) != []
     assert validate({"ref": "x", "payload": 3}, deployment) != []
+
+
+def test_deploy_interrupted_by_a_stop_ends_error_after_the_restart(
+        tmp_path, started, gh):
+    home = tmp_path / "home"
+    st, box = started(home, DOCKRUNE_GITHUB_API="http://127.0.0.1:9")
+    record = st.new_deploy("shop", "production", SHA1, "main", "push",
+                           repo="octo/shop", action="deploy")
+    box.notify("queued", record)
+    st.update_deploy(record["id"], status="running")
+    box.notify("started", st.deploy(record["id"]))
+    box.shutdown(timeout=2)
+    st.update_environment("shop", "production", running=record["id"])
+    st.recover()                # what Daemon.start does first
+
+    started(home)
+    gh.wait_for(lambda r: len(r) >= 7)
+    assert gh.sequence() == FULL + ["deployment:error", "commit:error"]
+    assert gh.calls()[-1]["body"]["description"] == (
+        "dockrune stopped during the deploy")
+
+
+def test_last_call_of_a_rate_limit_window_holds_the_next_one(started, gh):
+    reset = int(time.time()) + 2
+    gh.answer_next((201, {"X-RateLimit-Remaining": "0",
+                          "X-RateLimit-Reset": str(reset)},
+                    dict(id=77, url="x")))
+    st, box = started()
+    simulate(st, box)
+    calls = gh.wait_for(lambda r: len(r) >= 7)
+    assert calls[1]["time"] >= reset - 0.05
