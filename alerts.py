@@ -408,7 +408,8 @@ def describe(record, newer_sha=None):
             "port %s" % record["port"] if record.get("port") else "its port")
         text = "live at %s in %s" % (where, _duration(record.get("duration")))
     elif status == "superseded":
-        text = "not deployed: superseded by %s" % (short(newer_sha) or "a newer push")
+        text = "not deployed: " + ("superseded by %s" % short(newer_sha) if newer_sha
+                                   else record.get("error") or "superseded")
     else:
         text = _failure_text(record.get("error") or "failed")
     return clip(_printable(text), STATUS_LIMIT)

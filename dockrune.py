@@ -76,6 +76,13 @@ def _owners(value):
     return frozenset(o.strip().lower() for o in value.replace(",", " ").split())
 
 
+def _switch(value):
+    value = value.strip().lower()
+    if value not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+        raise ValueError("expected on or off")
+    return value in ("on", "true", "yes", "1")
+
+
 def _url(value):
     value = value.strip()
     if value and not value.startswith(("http://", "https://")):
@@ -149,6 +156,8 @@ SETTINGS = (
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    ("DOCKRUNE_RESUME", "on", _switch,
+     "deploy again, at start, what a crash interrupted"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
                "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN",
@@ -229,12 +238,31 @@ class Daemon:
                                         self.deployer, self.control_token)
 
     def start(self):
-        """Recover from an unclean stop, then start the workers."""
-        requeue = self.store.recover()
+        """Recover from an unclean stop, then start the workers.
+
+        Deploys that were waiting are queued again; deploys that a crash cut
+        short are deployed afresh (trigger "resume") unless DOCKRUNE_RESUME=off.
+        """
+        queued, interrupted = self.store.recover()
+        for old in interrupted:
+            killed = runners.kill_leftovers(old["id"])
+            if killed:
+                log.warning("killed %d processes left by interrupted deploy %s",
+                            killed, old["id"])
         self.alerts.start()
         self.runner.start()
-        for record in requeue:
+        for record in queued:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
+            self.runner.submit(record)
+        for old in interrupted if self.settings.resume else ():
+            summary = self.store.environment(old["app"], old["environment"]) or {}
+            if summary.get("queued"):
+                continue    # a newer deploy already waits in that lane
+            record = self.deployer.new_deploy(
+                old["app"], old["environment"], old["sha"], old["ref"], "resume",
+                resumes=old["id"], forced=True)
+            log.info("deploy %s of %s resumes interrupted deploy %s", record["id"],
+                     record["app"], old["id"])
             self.runner.submit(record)
 
     def stop(self, timeout=10.0):
@@ -245,6 +273,10 @@ class Daemon:
 
 def user_agent():
     return "dockrune/%s (push-to-deploy; python-urllib)" % __version__
+
+
+class _Shutdown(Exception):
+    """Raised by the signal handler to leave waitress's loop."""
 
 
 def daemon_file(settings):
@@ -274,17 +306,16 @@ def serve(settings):
              port, settings.home)
 
     def shut(signum, _frame):
-        log.info("signal %d: shutting down", signum)
-        server.close()
+        raise _Shutdown(signum)
 
     signal.signal(signal.SIGTERM, shut)
     signal.signal(signal.SIGINT, shut)
     try:
         server.run()
-    except (OSError, ValueError) as e:
-        if not server.socket or server.socket.fileno() != -1:
-            raise
+    except _Shutdown as e:
+        log.info("signal %d: shutting down", e.args[0])
     finally:
+        server.close()
         try:
             os.unlink(daemon_file(settings))
         except FileNotFoundError:

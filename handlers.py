@@ -151,6 +151,7 @@ class Application:
                                     % (_clip(branch), app, _clip(wanted))}
         record = self.deployer.new_deploy(
             app, "production", sha, branch, "push", repo=repo,
+            forced=payload.get("forced") is True,
             pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
             message=_clip(_text((payload.get("head_commit") or {}).get("message")),
                           500))

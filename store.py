@@ -510,24 +510,25 @@ class Store:
     # -- start-up --
 
     def recover(self):
-        """Tidy state after an unclean stop; return the deploys to run again.
+        """Tidy state after an unclean stop.
 
         Temporary files from interrupted writes are removed.  Deploys that
-        were running are marked interrupted; deploys that were still queued
-        are returned so the caller can queue them again.
+        were running are marked interrupted.  Returns (queued, interrupted):
+        the records that were still waiting, to queue again as they are, and
+        the ones that were cut short, which the caller may deploy afresh.
         """
         with self.lock:
             removed = remove_temp_files(self.state_dir)
             if removed:
                 log.warning("removed %d temporary files left by a crash", removed)
-            requeue = []
+            requeue, interrupted = [], []
             for key, summary in self.environments().items():
                 app, env = key.split("/", 1)
                 running, queued = summary.get("running"), summary.get("queued")
                 if running and (self.deploy(running) or {}).get("status") in ACTIVE:
-                    self.update_deploy(running, status="interrupted",
-                                       finished_at=utcnow(),
-                                       error="dockrune stopped during the deploy")
+                    interrupted.append(self.update_deploy(
+                        running, status="interrupted", finished_at=utcnow(),
+                        error="dockrune stopped during the deploy"))
                     log.warning("deploy %s of %s/%s was interrupted", running, app, env)
                 record = self.deploy(queued) if queued else None
                 if record and record["status"] == "queued":
@@ -536,7 +537,7 @@ class Store:
                 if status == "deploying":
                     status = "live" if summary.get("live_deploy") else "failing"
                 self.update_environment(app, env, running=None, status=status)
-            return requeue
+            return requeue, interrupted
 
 
 def _port_is_free(port):

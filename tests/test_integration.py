@@ -191,3 +191,16 @@ def test_status_json_lists_configured_app_before_first_deploy(server_factory, tm
                      "repo": "tester/never", "status": "stopped", "sha": None,
                      "deployed_at": None, "port": 18123, "domain": None,
                      "url": "http://127.0.0.1:18123", "last_deploy": None}]
+
+
+def test_serve_stops_cleanly_on_sigterm(server_factory):
+    server = server_factory().start()
+    daemon_json = os.path.join(str(server.home), "run", "daemon.json")
+    info = json.load(open(daemon_json))
+    assert info["pid"] == server.proc.pid
+    assert os.stat(daemon_json).st_mode & 0o077 == 0
+    server.proc.terminate()
+    assert server.proc.wait(timeout=20) == 0
+    assert not os.path.exists(daemon_json)
+    assert "shutting down" in server.log()
+    assert "Traceback" not in server.log()

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# install.sh: set up dockrune on a Debian or Ubuntu machine.
+#
+# Usage: ./install.sh [--run | --systemd | --test] [--dry-run]
+#
+#   (no option)  install dockrune for the current user: the system packages it
+#                needs (when run as root), a virtualenv with waitress, the
+#                `dockrune` command, and $DOCKRUNE_HOME (default ~/.dockrune)
+#                with a dockrune.env holding a freshly generated webhook secret.
+#   --run        the same, then run `dockrune serve` in the foreground.
+#   --systemd    install for the whole machine (as root): a `dockrune` system
+#                user in the docker group, DOCKRUNE_HOME=/var/lib/dockrune, the
+#                app in /opt/dockrune, and a systemd unit, enabled and started.
+#   --test       install what the test suite needs (a Docker engine, started if
+#                none answers; git, busybox, caddy, chromium; a virtualenv in
+#                .venv with waitress and pytest), then run the whole suite.
+#   --dry-run    print every command that would change the machine; run none.
+#
+# Safe to run twice: nothing that exists is overwritten (dockrune.env and its
+# secret are kept), packages already installed are skipped.
+#
+# Environment: DOCKRUNE_HOME (where dockrune keeps its state), PREFIX (where the
+# app and its virtualenv go: ~/.local/share/dockrune, or /opt/dockrune with
+# --systemd).
+set -euo pipefail
+
+RUNTIME_PACKAGES="git python3 python3-venv docker.io docker-compose ca-certificates"
+TEST_PACKAGES="busybox-static caddy chromium curl"
+WAITRESS="waitress>=3.0,<4"
+PYTEST="pytest>=8,<10"
+DRY_RUN=0
+
+say() { printf 'install: %s\n' "$*" >&2; }
+warn() { printf 'install: warning: %s\n' "$*" >&2; }
+err() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a command that changes the machine, or only print it with --dry-run.
+run() {
+    if [ "$DRY_RUN" = 1 ]; then
+        printf 'would run: %s\n' "$*"
+    else
+        "$@"
+    fi
+}
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+source_dir() { cd "$(dirname "${BASH_SOURCE[0]}")" && pwd; }
+
+install_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" = 0 ] && return 0
+    if ! is_root; then
+        warn "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
+        return 0
+    fi
+    say "installing ${missing[*]}"
+    run env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+}
+
+# Start a Docker engine when none answers: systemd where it runs, else dockerd
+# in the background (containers and CI machines without an init system).
+start_docker() {
+    if docker info >/dev/null 2>&1; then
+        return 0
+    fi
+    is_root || err "no Docker engine answers and only root can start one"
+    if [ -d /run/systemd/system ]; then
+        run systemctl start docker
+    else
+        say "starting dockerd in the background (log: /var/log/dockerd.log)"
+        [ "$DRY_RUN" = 1 ] && { printf 'would run: setsid dockerd\n'; return 0; }
+        setsid nohup dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+    fi
+    [ "$DRY_RUN" = 1 ] && return 0
+    local i
+    for i in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    err "the Docker engine did not answer within 60 s; see /var/log/dockerd.log"
+}
+
+make_venv() {
+    local venv=$1
+    shift
+    if [ ! -x "$venv/bin/python" ]; then
+        say "creating a virtualenv in $venv"
+        run python3 -m venv "$venv"
+    fi
+    run "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+}
+
+# Copy the app into $1/app and put a `dockrune` command in $2.
+install_app() {
+    local prefix=$1 bindir=$2 src
+    src=$(source_dir)
+    run mkdir -p "$prefix/app" "$bindir"
+    run cp "$src"/*.py "$prefix/app/"
+    if compgen -G "$src/*.html" >/dev/null; then
+        run cp "$src"/*.html "$prefix/app/"
+    fi
+    make_venv "$prefix/venv" "$WAITRESS"
+    say "writing $bindir/dockrune"
+    [ "$DRY_RUN" = 1 ] && return 0
+    cat >"$bindir/dockrune" <<EOF
+#!/bin/sh
+exec "$prefix/venv/bin/python" "$prefix/app/dockrune.py" "\$@"
+EOF
+    chmod 755 "$bindir/dockrune"
+}
+
+# Create DOCKRUNE_HOME and, once, a dockrune.env with a random webhook secret.
+make_home() {
+    local home=$1 owner=${2:-}
+    run mkdir -p "$home/apps" "$home/templates"
+    if [ -e "$home/dockrune.env" ]; then
+        say "keeping $home/dockrune.env"
+    else
+        say "writing $home/dockrune.env with a new webhook secret"
+        [ "$DRY_RUN" = 1 ] || (
+            umask 077
+            cat >"$home/dockrune.env" <<EOF
+# dockrune settings; the environment overrides anything here.
+# The same secret goes into the GitHub webhook's settings.
+DOCKRUNE_WEBHOOK_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+DOCKRUNE_LISTEN=127.0.0.1:9000
+#DOCKRUNE_PUBLIC_URL=https://deploy.example.org
+#DOCKRUNE_GITHUB_TOKEN=
+#DOCKRUNE_ADMIN_PASSWORD=
+#DOCKRUNE_API_TOKEN=
+#DOCKRUNE_ALLOWED_OWNERS=your-github-name
+#DOCKRUNE_BASE_DOMAIN=apps.example.org
+EOF
+        )
+    fi
+    [ -n "$owner" ] && run chown -R "$owner:$owner" "$home"
+    return 0
+}
+
+install_user() {
+    local home=${DOCKRUNE_HOME:-$HOME/.dockrune}
+    local prefix=${PREFIX:-$HOME/.local/share/dockrune}
+    local bindir=$HOME/.local/bin
+    is_root && bindir=/usr/local/bin
+    install_packages $RUNTIME_PACKAGES
+    is_root && start_docker
+    install_app "$prefix" "$bindir"
+    make_home "$home"
+    say "done: $bindir/dockrune serve (home $home)"
+    case ":$PATH:" in *":$bindir:"*) ;; *) warn "$bindir is not on your PATH";; esac
+}
+
+install_systemd() {
+    is_root || err "--systemd needs root"
+    local home=/var/lib/dockrune prefix=${PREFIX:-/opt/dockrune}
+    install_packages $RUNTIME_PACKAGES
+    if ! id dockrune >/dev/null 2>&1; then
+        run useradd --system --home-dir "$home" --shell /usr/sbin/nologin dockrune
+    fi
+    run usermod -a -G docker dockrune
+    install_app "$prefix" /usr/local/bin
+    make_home "$home" dockrune
+    say "writing /etc/systemd/system/dockrune.service"
+    [ "$DRY_RUN" = 1 ] || cat >/etc/systemd/system/dockrune.service <<EOF
+[Unit]
+Description=dockrune push-to-deploy daemon
+After=network-online.target docker.service
+Wants=network-online.target docker.service
+
+[Service]
+User=dockrune
+Group=dockrune
+Environment=DOCKRUNE_HOME=$home
+ExecStart=$prefix/venv/bin/python $prefix/app/dockrune.py serve
+Restart=on-failure
+RestartSec=2
+KillMode=mixed
+TimeoutStopSec=30
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    run systemctl daemon-reload
+    run systemctl enable --now docker
+    run systemctl enable --now dockrune
+    say "done: systemctl status dockrune; settings in $home/dockrune.env"
+}
+
+run_tests() {
+    local src
+    src=$(source_dir)
+    install_packages $RUNTIME_PACKAGES $TEST_PACKAGES
+    start_docker
+    make_venv "$src/.venv" "$WAITRESS" "$PYTEST"
+    say "running the test suite"
+    cd "$src"
+    run "$src/.venv/bin/python" -m pytest -q tests
+}
+
+main() {
+    local mode=user arg
+    for arg in "$@"; do
+        case "$arg" in
+            --run) mode=run ;;
+            --systemd) mode=systemd ;;
+            --test) mode=test ;;
+            --dry-run) DRY_RUN=1 ;;
+            -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *) err "unknown option $arg (see --help)" ;;
+        esac
+    done
+    case "$mode" in
+        user) install_user ;;
+        run)
+            install_user
+            local bindir=$HOME/.local/bin
+            is_root && bindir=/usr/local/bin
+            [ "$DRY_RUN" = 1 ] && { printf 'would run: %s serve\n' "$bindir/dockrune"; exit 0; }
+            exec "$bindir/dockrune" serve
+            ;;
+        systemd) install_systemd ;;
+        test) run_tests ;;
+    esac
+}
+
+main "$@"

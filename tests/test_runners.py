@@ -1,0 +1,249 @@
+import os
+import threading
+import time
+
+import pytest
+
+import runners
+import store
+
+
+# -- lanes --
+
+
+class RecordingDeployer:
+    """Stands in for Deployer in queue tests: jobs block until released."""
+
+    def __init__(self):
+        self.ran = []
+        self.superseded = []
+        self.release = threading.Event()
+        self.running = 0
+        self.max_parallel_per_lane = {}
+        self._lock = threading.Lock()
+        self._lanes = {}
+
+    def run(self, job):
+        lane = (job["app"], job["environment"])
+        with self._lock:
+            self._lanes[lane] = self._lanes.get(lane, 0) + 1
+            self.max_parallel_per_lane[lane] = max(
+                self.max_parallel_per_lane.get(lane, 0), self._lanes[lane])
+        self.release.wait(10)
+        if job.get("explode"):
+            raise RuntimeError("job failed badly")
+        with self._lock:
+            self._lanes[lane] -= 1
+            self.ran.append(job["id"])
+
+    def supersede(self, older, newer):
+        self.superseded.append((older["id"], newer["id"]))
+
+
+def job(n, app="blog", env="production", **extra):
+    return dict(extra, id="j%d" % n, action="deploy", app=app, environment=env)
+
+
+def test_newest_waiting_job_supersedes_the_older_one():
+    deployer = RecordingDeployer()
+    runner = runners.Runner(deployer, workers=2)
+    runner.start()
+    runner.submit(job(1))
+    time.sleep(0.2)             # j1 is running now
+    for n in (2, 3, 4):
+        runner.submit(job(n))
+    deployer.release.set()
+    assert runner.wait_idle(10)
+    assert deployer.ran == ["j1", "j4"]
+    assert deployer.superseded == [("j2", "j3"), ("j3", "j4")]
+    runner.shutdown()
+
+
+def test_one_job_per_lane_at_a_time_but_lanes_run_in_parallel():
+    deployer = RecordingDeployer()
+    runner = runners.Runner(deployer, workers=2)
+    runner.start()
+    runner.submit(job(1, app="a"))
+    runner.submit(job(2, app="b"))
+    time.sleep(0.3)
+    assert runner.busy() == 2
+    assert len(deployer._lanes) == 2     # both lanes started
+    runner.submit(job(3, app="a"))
+    deployer.release.set()
+    assert runner.wait_idle(10)
+    assert sorted(deployer.ran) == ["j1", "j2", "j3"]
+    assert set(deployer.max_parallel_per_lane.values()) == {1}
+    runner.shutdown()
+
+
+def test_worker_survives_a_job_that_raises(caplog):
+    deployer = RecordingDeployer()
+    deployer.release.set()
+    runner = runners.Runner(deployer, workers=1)
+    runner.start()
+    runner.submit(job(1, explode=True))
+    runner.submit(job(2, app="other"))
+    assert runner.wait_idle(10)
+    assert deployer.ran == ["j2"]
+    assert "job j1 for blog/production failed" in caplog.text
+    runner.shutdown()
+
+
+def test_workers_are_named_threads():
+    runner = runners.Runner(RecordingDeployer(), workers=2)
+    runner.start()
+    names = {t.name for t in threading.enumerate()}
+    assert {"dockrune-worker-1", "dockrune-worker-2"} <= names
+    assert runner.shutdown(timeout=2) == []
+
+
+# -- commands --
+
+
+@pytest.fixture
+def dlog(tmp_path):
+    log = runners.DeployLog(str(tmp_path / "deploy.log"), secrets=["s3cr3t-token"])
+    yield log
+    log.close()
+
+
+def read(dlog):
+    with open(dlog.path) as f:
+        return f.read()
+
+
+def test_run_command_streams_output_with_timestamps(dlog):
+    runners.run_command(["sh", "-c", "echo one; echo two >&2"], dlog, timeout=10)
+    text = read(dlog)
+    assert "$ sh -c 'echo one; echo two >&2'" in text
+    lines = [line for line in text.splitlines() if line.endswith(("one", "two"))]
+    assert len(lines) == 2
+    assert all(line[2] == ":" and line[5] == ":" for line in lines)
+
+
+def test_run_command_failure_names_the_command_and_its_last_lines(dlog):
+    with pytest.raises(runners.DeployError) as e:
+        runners.run_command(["sh", "-c", "echo building; echo 'no space left' >&2; "
+                             "exit 3"], dlog, timeout=10)
+    assert "exited 3" in str(e.value)
+    assert "no space left" in str(e.value)
+    assert str(e.value).startswith("sh -c")
+
+
+def test_run_command_timeout_kills_grandchildren_holding_the_pipe(dlog, tmp_path):
+    canary = tmp_path / "canary"
+    script = "sleep 30 & sleep 3 && touch %s; wait" % canary
+    started = time.monotonic()
+    with pytest.raises(runners.DeployError, match="timed out"):
+        runners.run_command(["sh", "-c", script], dlog, timeout=1)
+    assert time.monotonic() - started < 8
+    time.sleep(3)
+    assert not canary.exists()
+
+
+def test_deploy_log_redacts_secrets_and_strips_control_characters(dlog):
+    runners.run_command(["sh", "-c", "printf 'token=s3cr3t-token \\033[31mred\\n'"],
+                        dlog, timeout=10)
+    text = read(dlog)
+    assert "s3cr3t-token" not in text
+    assert "token=*** [31mred" in text
+    assert "\033" not in text
+
+
+def test_deploy_log_is_capped_with_a_visible_marker(tmp_path):
+    dlog = runners.DeployLog(str(tmp_path / "big.log"), max_bytes=2000)
+    runners.run_command(["sh", "-c", "i=0; while [ $i -lt 500 ]; do echo line $i; "
+                         "i=$((i+1)); done"], dlog, timeout=20)
+    dlog.step("still narrated after the cap")
+    dlog.close()
+    text = open(dlog.path).read()
+    assert "[log truncated: over 2000 bytes]" in text
+    assert "line 499" not in text
+    assert text.rstrip().endswith("-----> still narrated after the cap")
+    assert len(text) < 2600
+
+
+# -- detection --
+
+
+def make_tree(root, files):
+    for name, text in files.items():
+        path = os.path.join(str(root), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    return str(root)
+
+
+@pytest.mark.parametrize("files,kind,reason", [
+    ({"compose.yaml": "", "Dockerfile": ""}, "compose", "found compose.yaml"),
+    ({"docker-compose.yml": ""}, "compose", "found docker-compose.yml"),
+    ({"Dockerfile": "", "index.html": ""}, "dockerfile", "found Dockerfile"),
+    ({"nuxt.config.ts": "", "Procfile": ""}, "nitro", "found nuxt.config.ts"),
+    ({"package.json": '{"dependencies": {"nitropack": "2"}}'}, "nitro",
+     "found a nuxt or nitropack dependency in package.json"),
+    ({"Procfile": "web: x"}, "procfile", "found Procfile"),
+    ({"public/index.html": ""}, "static", "found public/index.html"),
+    ({"index.html": ""}, "static", "found index.html"),
+])
+def test_detect_kind_follows_the_documented_order(tmp_path, files, kind, reason):
+    assert runners.detect_kind(make_tree(tmp_path, files)) == (kind, reason)
+
+
+def test_detect_kind_with_nothing_known_says_what_it_looked_for(tmp_path):
+    with pytest.raises(runners.DeployError, match="cannot tell what to run"):
+        runners.detect_kind(make_tree(tmp_path, {"README": ""}))
+
+
+def test_detect_kind_honours_type_and_rejects_unknown_type(tmp_path):
+    root = make_tree(tmp_path, {"compose.yaml": "", "index.html": ""})
+    assert runners.detect_kind(root, "static")[0] == "static"
+    with pytest.raises(runners.DeployError, match="TYPE='php'"):
+        runners.detect_kind(root, "php")
+
+
+# -- small pieces --
+
+
+def test_compose_project_names_environments_apart():
+    assert runners.compose_project("blog", "production") == "dockrune-blog"
+    assert runners.compose_project("blog", "pr-7") == "dockrune-blog-pr-7"
+
+
+def test_git_environment_carries_token_outside_url_and_argv():
+    env = runners.git_environment("https://github.com/o/r.git", "ghp_secret")
+    assert env["GIT_TERMINAL_PROMPT"] == "0"
+    assert env["GIT_CONFIG_KEY_0"] == "http.https://github.com/.extraheader"
+    assert env["GIT_CONFIG_VALUE_0"].startswith("Authorization: Basic ")
+    assert "ghp_secret" not in env["GIT_CONFIG_VALUE_0"]
+    assert not any(k.startswith("DOCKRUNE_") for k in env)
+    local = runners.git_environment("/srv/git/r.git", "ghp_secret")
+    assert "GIT_CONFIG_COUNT" not in local
+
+
+def test_git_url_defaults_to_github_and_refuses_option_like_urls():
+    class G:
+        git_base_url = "https://github.com"
+
+    assert runners.git_url_for({"REPO": "o/r"}, G) == "https://github.com/o/r.git"
+    with pytest.raises(runners.DeployError):
+        runners.git_url_for({"GIT_URL": "--upload-pack=x"}, G)
+    with pytest.raises(runners.DeployError):
+        runners.git_url_for({"REPO": "../x"}, G)
+
+
+def test_app_environment_never_hands_dockrune_secrets_to_the_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKRUNE_WEBHOOK_SECRET", "hush")
+    from conftest import make_settings
+    settings = make_settings(tmp_path)
+    st = store.Store(str(tmp_path))
+    st.ensure_dirs()
+    with open(st.app_path("blog"), "w") as f:
+        f.write("REPO=o/blog\nPORT=8300\nDATABASE_URL=x\n")
+    deployer = runners.Deployer(st, settings)
+    record = deployer.new_deploy("blog", "production", "a" * 40, "main", "push")
+    ctx = deployer.context(record, None)
+    env = ctx.app_environment()
+    assert env["PORT"] == "8300" and env["DATABASE_URL"] == "x"
+    assert "DOCKRUNE_WEBHOOK_SECRET" not in env
+    assert "hush" not in env.values()
