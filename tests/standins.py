@@ -229,7 +229,8 @@ class StandIn:
             body = json.loads(raw.decode()) if raw else None
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        request = {"method": method, "path": http.path, "headers": {k.lower(): v for k, v in http.headers.items()},
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        request = {"method": method, "path": http.path, "headers": headers,
                    "body": body, "time": time.time()}
         if self.delay:
             time.sleep(self.delay)

@@ -11,7 +11,8 @@ import pytest
 
 import alerts
 import dockrune
-from alerthelpers import SHA1, make_alerts, settings_for, simulate, wait_until, write_app
+from alerthelpers import (SHA1, make_alerts, settings_for, simulate, wait_until,
+                          write_app)
 from conftest import ROOT
 from standins import CoachArtie, Discord, N8n, StandIn
 

@@ -8,8 +8,7 @@ import time
 import pytest
 
 import alerts
-from alerthelpers import (PUBLIC, SHA1, SHA2, make_alerts, settings_for, simulate,
-                          wait_until)
+from alerthelpers import PUBLIC, SHA1, SHA2, make_alerts, settings_for, simulate
 from standins import GitHub, operation, validate
 
 FULL = ["deployment", "deployment:queued", "commit:pending",
