@@ -122,8 +122,15 @@ def http_request(method, url, data=None, headers=None, timeout=10.0):
             return Answer(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as e:
         with e:
-            return Answer(e.code, dict(e.headers or {}), e.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
+            try:
+                data = e.read()
+            except OSError:     # the error body timed out: the status is enough
+                data = b""
+            return Answer(e.code, dict(e.headers or {}), data)
+    except ValueError:
+        # urllib's message may quote the URL, and the URL may hold a token.
+        raise TransportError("malformed URL") from None
+    except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise TransportError(_printable(str(reason))[:200]) from None
 
@@ -331,7 +338,7 @@ class Outbox:
                 log.warning("outbox: %s asked to wait %.1fs (%s)", item["target"],
                             wait, reason)
             else:
-                delay = min(self.retry_base * 2 ** (item["attempts"] - 1),
+                delay = min(self.retry_base * 2 ** min(item["attempts"] - 1, 40),
                             self.retry_max)
                 item["due"] = time.time() + delay
                 log.warning("outbox: %s %s for %s failed (%s); attempt %d, next "
@@ -342,8 +349,8 @@ class Outbox:
 
     def _report(self, item, fate, reason, too_old):
         if fate == DONE:
-            log.debug("outbox: %s %s for %s delivered", item["target"], item["op"],
-                     item["chain"])
+            log.debug("outbox: %s %s for %s delivered", item["target"],
+                      item["op"], item["chain"])
         elif too_old and fate != DROP:
             log.error("outbox: gave up %s %s for %s after %d attempts: %s",
                       item["target"], item["op"], item["chain"], item["attempts"],
@@ -353,9 +360,14 @@ class Outbox:
                       item["op"], item["chain"], reason)
 
     def _save(self):
+        """Write the outbox; a failure is logged and the calls stay in memory."""
         items = [{k: v for k, v in i.items() if k != "due"} for i in self._items]
-        store.write_json(self.path, {"items": items, "next_id": self._next_id},
-                         mode=0o600)
+        try:
+            store.write_json(self.path, {"items": items, "next_id": self._next_id},
+                             mode=0o600)
+        except OSError as e:
+            log.error("outbox: cannot save %s (%s): %d calls are only in memory",
+                      self.path, e, len(items))
 
 
 # -- GitHub ---------------------------------------------------------------------------
@@ -469,7 +481,7 @@ class GitHubReporter:
                 "queued", "started", "live", "failed", "superseded"):
             return
         if not self._known(record["id"]):
-            self._begin(record, repo, event)
+            self._begin(record, repo)
         if event == "queued":
             self._statuses(record, "queued", "pending")
         elif event == "started":
@@ -505,9 +517,12 @@ class GitHubReporter:
                 continue
             log.warning("github: reporting deploy %s, which ended %s while "
                         "dockrune was stopped", deploy_id, record.get("status"))
-            self._finish(record)
+            if record.get("status") == "superseded":
+                self.on_event("superseded", record)
+            else:
+                self._finish(record)
 
-    def _begin(self, record, repo, event):
+    def _begin(self, record, repo):
         """Queue the deployment itself: the first call of the deploy's chain."""
         with self._lock:
             state = self._load()
