@@ -875,6 +875,8 @@ class Notifier:
         alert = self.classify(event, record)
         if alert is None:
             return
+        if alert in ("app_down", "app_up"):
+            record = self._health_record(alert, record)
         values = None
         for target in self.targets():
             if alert not in self.rules(target, record.get("app")):
@@ -887,8 +889,8 @@ class Notifier:
         """Return the alert event for a deploy event, or None."""
         if event == "failed":
             return "deploy_failed"
-        if event in ("down", "up"):     # from a health checker, with a summary
-            return "app_" + event
+        if event in ("app-down", "app-up"):     # from the health checker
+            return event.replace("-", "_")
         if event != "live":
             return None
         if self._failed_before(record):
@@ -906,6 +908,19 @@ class Notifier:
                     other.get("status") in ("live", "failed")):
                 return other["status"] == "failed"
         return False
+
+    def _health_record(self, alert, info):
+        """Return the last deploy's record with what the health checker saw."""
+        record = dict(self.store.deploy(info.get("deploy") or "") or {})
+        record.update({k: v for k, v in info.items() if v is not None})
+        record.update(status="down" if alert == "app_down" else "up",
+                      error=info.get("detail") or "", duration=None)
+        if not record.get("repo"):
+            try:
+                record["repo"] = (self.store.load_app(info["app"]) or {}).get("REPO")
+            except store.EnvFileError:
+                pass
+        return record
 
     def rules(self, target, app):
         """Return the events target hears of for app (its .env may override)."""

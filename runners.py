@@ -257,10 +257,11 @@ class Deployer:
     not block, and an exception it raises is logged and ignored.
     """
 
-    def __init__(self, store_, settings, notify=None):
+    def __init__(self, store_, settings, notify=None, proxy=None):
         self.store = store_
         self.settings = settings
         self.notify_hook = notify
+        self.proxy = proxy
 
     def notify(self, event, record):
         if self.notify_hook is None:
@@ -281,9 +282,14 @@ class Deployer:
                 extra["repo"] = None
         record = self.store.new_deploy(app, env, sha, ref, trigger, action="deploy",
                                        **extra)
-        self.store.update_environment(app, env, queued=record["id"])
         self.notify("queued", record)
         return record
+
+    def enqueued(self, job):
+        """Remember which job waits in its lane (called under the Runner's lock)."""
+        self.store.update_environment(
+            job["app"], job["environment"],
+            queued=job["id"] if job.get("action") == "deploy" else None)
 
     def supersede(self, record, newer):
         record = self.store.update_deploy(
@@ -354,6 +360,7 @@ class Deployer:
             if facts.get("started"):
                 fields.update(sha=record["sha"], deployed_at=record["finished_at"])
         self.store.update_environment(app, env, **fields)
+        self.sync_routes(record)
         log.info("deploy %s of %s/%s %s in %.1fs%s", deploy_id, app, env, status,
                  seconds, ": " + error if error else "")
         self.notify({"live": "live", "superseded": "superseded"}.get(status, "failed"),
@@ -397,6 +404,21 @@ class Deployer:
             raise DeployError("no app file %s" % self.store.app_path(app))
         return DeployContext(self, record, settings, dlog)
 
+    def sync_routes(self, record, overrides=None):
+        """Bring the proxy's routes in line with the state; never raises.
+
+        Returns False when the proxy refused the routes (the old ones stay).
+        """
+        if self.proxy is None:
+            return True
+        try:
+            self.proxy.sync(overrides)
+            return True
+        except Exception as e:
+            log.error("routes not updated after %s of %s: %s", record.get("id", "stop"),
+                      record.get("app"), e)
+            return False
+
     def run_stop(self, app, env):
         """Stop app/env: compose down, and remember it as stopped."""
         dlog = DeployLog(os.path.join(self.store.logs_dir, app, "stop.log"),
@@ -406,6 +428,7 @@ class Deployer:
             compose_down(self, app, env, dlog)
             summary = self.store.update_environment(app, env, status="stopped",
                                                     running=None)
+            self.sync_routes(summary)
             log.info("stopped %s/%s", app, env)
             self.notify("stopped", summary)
         except DeployError as e:
@@ -791,13 +814,15 @@ class Runner:
         lane = (job["app"], job["environment"])
         with self._cond:
             older = self._waiting.get(lane)
+            replaced = older is not None and older.get("action") == "deploy"
+            if replaced and job.get("action") == "deploy" and older.get("sha"):
+                job["candidates"] = list(older.get("candidates") or ()) + [older["sha"]]
             self._waiting[lane] = job
+            self.deployer.enqueued(job)
             if older is None and lane not in self._running:
                 self._ready.append(lane)
                 self._cond.notify()
-        if older is not None and older.get("action") == "deploy":
-            if job.get("action") == "deploy" and older.get("sha"):
-                job["candidates"] = list(older.get("candidates") or ()) + [older["sha"]]
+        if replaced:
             self.deployer.supersede(older, job)
         return job
 
@@ -805,6 +830,11 @@ class Runner:
         """Return the number of jobs running or waiting."""
         with self._cond:
             return len(self._running) + len(self._waiting)
+
+    def lane_busy(self, app, env):
+        """Tell whether a job for app/env is running or waiting right now."""
+        with self._cond:
+            return (app, env) in self._running or (app, env) in self._waiting
 
     def wait_idle(self, timeout):
         """Wait until no job runs or waits; return False on timeout."""

@@ -300,3 +300,23 @@ def test_alert_redirects_are_not_followed(started, targets):
         assert [r["status"] for r in other.calls()] == [302]
     finally:
         other.close()
+
+
+def test_health_checker_down_and_up_reach_every_target(started, targets):
+    st, box = started()
+    record = simulate(st, box, outcome="live")
+    info = {"app": "shop", "environment": "production", "sha": SHA1,
+            "deploy": record["id"], "url": "https://shop.example.org",
+            "port": 8123, "detail": "connection refused", "since": "x"}
+    box.notify("app-down", info)
+    box.notify("app-up", dict(info, detail="HTTP 200"))
+    assert box.outbox.flush(10)
+    artie = targets["coach-artie"].contents()
+    assert artie == ["shop (production) is down at https://shop.example.org: "
+                     "connection refused",
+                     "shop (production) is back up at https://shop.example.org."]
+    assert [b["embeds"][0]["title"] for b in targets["discord"].bodies()] == [
+        "🔥 shop: down", "✅ shop: back up"]
+    docs = targets["n8n"].documents()
+    assert [d["event"] for d in docs] == ["deploy_succeeded", "app_down", "app_up"]
+    assert docs[1]["repo"] == "octo/shop" and docs[1]["status"] == "down"

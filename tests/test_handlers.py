@@ -281,9 +281,12 @@ def api(h, method, path, token="ctl-token", body=b"", query=""):
     return status, data
 
 
-def test_api_without_or_with_wrong_token_is_401(h):
+def test_api_without_or_with_wrong_token_is_401(tmp_path):
+    h = Harness(tmp_path, DOCKRUNE_API_TOKEN="api-secret")
     assert api(h, "GET", "/api/apps", token=None)[0] == 401
     assert api(h, "GET", "/api/apps", token="wrong")[0] == 401
+    assert api(h, "GET", "/api/apps", token="api-secret")[0] == 200
+    assert api(h, "GET", "/api/apps", token="ctl-token")[0] == 200
 
 
 def test_api_without_any_token_configured_is_503(tmp_path):
@@ -336,3 +339,13 @@ def test_healthz_answers(h):
 
 def test_unknown_path_is_404(h):
     assert wsgi_call(h.app, "GET", "/nope")[0] == 404
+
+
+def test_delivery_that_fails_can_be_redelivered(h):
+    data = payload("push.noaction.5")
+    data["after"] = "not-a-sha"
+    status, _ = h.hook("push", json.dumps(data).encode(), delivery="retry-me")
+    assert status == 400
+    status, answer = h.hook("push", json.dumps(payload("push.noaction.5")).encode(),
+                            delivery="retry-me")
+    assert status == 202, answer
