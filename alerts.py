@@ -1160,8 +1160,11 @@ class Alerts:
                 lambda item, t=target: self.notifier.send(t, item))
 
     def notify(self, event, record):
-        """The Deployer's hook: queue what this event means; never blocks on I/O
-        beyond a state file write, never raises."""
+        """Queue what a deploy or health event means; never raises.
+
+        The Deployer's and the health checker's hook: it writes state files
+        and touches no network, so the webhook handler may call it.
+        """
         for part in (self.github, self.notifier):
             try:
                 part.on_event(event, dict(record))
