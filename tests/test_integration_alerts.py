@@ -123,3 +123,29 @@ def test_deploys_report_to_github_and_alert_on_failure_and_recovery(
                 text = f.read()
             assert gh.token not in text and "n8n-s3cret" not in text, name
             assert "standin-webhook-token" not in text, name
+
+
+def test_github_down_for_a_whole_deploy_and_a_restart_reports_it_afterwards(
+        base_image, server_factory, tmp_path, app_name, outside):
+    gh = outside["github"]
+    gh.down = True
+    remote = GitRemote(str(tmp_path / "git"))
+    home = tmp_path / "home"
+    server = server_factory(home=home, **settings_env(outside))
+    write_app(home, app_name, remote, free_port())
+    server.start()
+    repo = "tester/" + app_name
+
+    sha = remote.commit(compose_app("offline"), "while GitHub is down")
+    record = deploy(server, repo, sha, "while GitHub is down")
+    assert record["status"] == "live", open(record["log"]).read()
+    gh.wait_for(lambda r: len(r) >= 2)
+    server.stop()
+    assert gh.sequence() == []
+
+    gh.down = False
+    server = server_factory(home=home, **settings_env(outside)).start()
+    gh.wait_for(lambda r: len([x for x in r if x["status"] == 201]) >= 7)
+    assert gh.sequence() == REPORTS + ["deployment:success", "commit:success"]
+    assert gh.deployments()[0]["body"]["ref"] == sha
+    assert gh.problems == []
