@@ -826,8 +826,9 @@ class Templates:
             return []
         found = []
         for name in names:
-            event, _, rest = name.partition(".")
-            target = rest[:-len(".txt")] if rest.endswith(".txt") else None
+            if not name.endswith(".txt") or name.startswith("."):
+                continue        # notes and editor files may live here too
+            event, _, target = name[:-len(".txt")].partition(".")
             if event not in EVENTS or target not in ALERT_TARGETS:
                 found.append("%s: not <event>.<target>.txt with event in %s and "
                              "target in %s" % (name, ", ".join(EVENTS),
@@ -872,6 +873,8 @@ class Notifier:
     # -- events -> items (a worker thread; no network) --
 
     def on_event(self, event, record):
+        if not self.targets():
+            return
         alert = self.classify(event, record)
         if alert is None:
             return
