@@ -304,3 +304,22 @@ def test_last_call_of_a_rate_limit_window_holds_the_next_one(started, gh):
     simulate(st, box)
     calls = gh.wait_for(lambda r: len(r) >= 7)
     assert calls[1]["time"] >= reset - 0.05
+
+
+def test_doctor_command_prints_the_token_and_permission_checks(
+        tmp_path, gh, capsys):
+    import dockrune
+    from alerthelpers import write_app
+    import store
+
+    gh.permissions = {"deployments", "statuses"}
+    settings = settings_for(tmp_path / "home", DOCKRUNE_GITHUB_TOKEN=gh.token,
+                            DOCKRUNE_GITHUB_API=gh.url)
+    st = store.Store(settings.home)
+    st.ensure_dirs()
+    write_app(st, "shop", repo="octo/shop")
+    assert dockrune.cmd_doctor(settings, None) == 1
+    out = capsys.readouterr().out
+    assert "ok   github token     accepted by %s\n" % gh.url in out
+    assert "FAIL github octo/shop token lacks Pull requests: write\n" in out
+    assert gh.token not in out
