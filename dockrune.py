@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """dockrune: push-to-deploy for one server.
 
-GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
-docker compose, checks that it answers, and keeps a log of every deploy.
+GitHub sends a webhook; dockrune fetches the pushed commit, deploys it (docker
+compose, a Dockerfile, a Nuxt/Nitro app, a Procfile or a static site), checks
+that it answers, and keeps a log of every deploy.
 
     dockrune serve                  run the daemon (webhook, admin, API, health)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
+    dockrune rollback APP [DEPLOY]  deploy an earlier live version again
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
-    dockrune logs APP [--deploy ID] [--follow]
+    dockrune logs APP [--deploy ID | --runtime] [--follow]
     dockrune doctor                 check this machine and the settings
     dockrune alert test [TARGET]    send a test alert to each alert target
 
@@ -157,6 +159,10 @@ SETTINGS = (
      "ports handed to apps that set no PORT"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
+    ("DOCKRUNE_KEEP_RELEASES", "3", _whole,
+     "builds kept per app for rollback (release folders, images)"),
+    ("DOCKRUNE_RUNTIME_LOG_MAX_BYTES", "5000000", _whole,
+     "size at which an app's runtime log is rotated to <log>.1"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     ("DOCKRUNE_DOMAIN", "", _text, "dockrune's own domain, routed through Caddy"),
     ("DOCKRUNE_CADDY_CONFIG", "", _text,
@@ -290,6 +296,8 @@ class Daemon:
         """
         queued, interrupted = self.store.recover()
         self.deployer.sync_routes({"app": "-", "id": "start-up"})
+        self.deployer.supervisor.adopt_all()
+        self.deployer.supervisor.start_watching()
         for old in interrupted:
             killed = runners.kill_leftovers(old["id"])
             if killed:
@@ -313,8 +321,10 @@ class Daemon:
         self.health.start()
 
     def stop(self, timeout=10.0):
+        """Stop the workers; the apps' processes go on running."""
         self.health.stop(timeout=min(timeout, 5.0))
         stragglers = self.runner.shutdown(timeout)
+        self.deployer.supervisor.shutdown()
         self.alerts.shutdown()
         return stragglers
 
@@ -421,12 +431,13 @@ def cmd_deploy(settings, args):
     return deploy_foreground(settings, app, args.ref)
 
 
-def deploy_foreground(settings, app, ref):
-    """Deploy app in this process, printing its log as it goes."""
+def deploy_foreground(settings, app, ref, record=None):
+    """Deploy app (or run the queued record) here, printing its log as it goes."""
     daemon = Daemon(settings)
     daemon.alerts.start()
-    sha = ref if ref and handlers._SHA_RE.match(ref) else None
-    record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
+    if record is None:
+        sha = ref if ref and handlers._SHA_RE.match(ref) else None
+        record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
     result = {}
     worker = threading.Thread(target=lambda: result.update(
         daemon.deployer.run_deploy(record)), name="dockrune-deploy-%s" % app)
@@ -435,7 +446,8 @@ def deploy_foreground(settings, app, ref):
     worker.join()
     flush_alerts(daemon.alerts)
     if result.get("status") != "live":
-        raise SettingsError("deploy %s failed: %s" % (record["id"], result.get("error")))
+        raise SettingsError("deploy %s failed: %s"
+                            % (record["id"], result.get("error")))
     return 0
 
 
@@ -466,6 +478,23 @@ def follow_log(path, finished, out=None):
         if done and not chunk:
             return
         time.sleep(0.2)
+
+
+def cmd_rollback(settings, args):
+    app = _existing_app(settings, args.app)
+    daemon = running_daemon(settings)
+    if daemon:
+        answer = call_daemon(daemon, "POST", "/api/apps/%s/rollback" % app,
+                             {"deploy": args.deploy} if args.deploy else {})
+        print("queued rollback %s to %s; follow it with: dockrune logs %s --follow"
+              % (answer["deploy"], answer["rollback_to"], app))
+        return 0
+    deployer = runners.Deployer(_store(settings), settings)
+    try:
+        record = deployer.new_rollback(app, "production", args.deploy)
+    except runners.DeployError as e:
+        raise SettingsError(str(e)) from None
+    return deploy_foreground(settings, app, None, record)
 
 
 def cmd_stop(settings, args):
@@ -510,6 +539,8 @@ def cmd_status(settings, args):
 def cmd_logs(settings, args):
     app = _existing_app(settings, args.app)
     st = _store(settings)
+    if args.runtime:
+        return print_runtime_log(st, app, args.follow)
     if args.deploy:
         record = st.deploy(args.deploy)
         if record is None or record["app"] != app:
@@ -532,6 +563,20 @@ def cmd_logs(settings, args):
     return 0
 
 
+def print_runtime_log(st, app, follow):
+    """Print what the app's own processes wrote (nitro, procfile, static)."""
+    path = os.path.join(st.logs_dir, app, "production.runtime.log")
+    if not os.path.exists(path):
+        raise SettingsError("%s has no runtime log: only apps that dockrune runs "
+                            "itself have one (docker apps: docker logs)" % app)
+    if follow:
+        follow_log(path, lambda: False)
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        shutil.copyfileobj(f, sys.stdout)
+    return 0
+
+
 def cmd_doctor(settings, _args):
     """Check what dockrune needs; print one line per check; 1 if any failed."""
     checks = [
@@ -542,6 +587,8 @@ def cmd_doctor(settings, _args):
         ("git", _check_command(["git", "--version"], "apt-get install git")),
         ("node", _check_command(["node", "--version"],
                                 "only Nitro apps need it: apt-get install nodejs")),
+        ("npm", _check_command(["npm", "--version"],
+                               "only Nitro apps need it: apt-get install npm")),
         ("webhook secret", (bool(settings.webhook_secret), "set" if
                             settings.webhook_secret else
                             "set DOCKRUNE_WEBHOOK_SECRET in dockrune.env")),
@@ -550,7 +597,7 @@ def cmd_doctor(settings, _args):
     failed = 0
     for name, (ok, detail) in checks:
         print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
-        failed += 0 if ok or name == "node" else 1
+        failed += 0 if ok or name in ("node", "npm") else 1
     repos = set()
     for app in store.Store(settings.home).app_names():
         try:
@@ -653,6 +700,10 @@ def build_parser():
     p = sub.add_parser("deploy", help="deploy an app now")
     p.add_argument("app")
     p.add_argument("--ref", help="branch, tag or sha (default: the app's branch)")
+    p = sub.add_parser("rollback", help="deploy an earlier live version again")
+    p.add_argument("app")
+    p.add_argument("deploy", nargs="?", metavar="DEPLOY",
+                   help="the deploy to go back to (default: the one live before)")
     p = sub.add_parser("stop", help="stop an app")
     p.add_argument("app")
     p = sub.add_parser("status", help="show every app and environment")
@@ -661,6 +712,8 @@ def build_parser():
     p.add_argument("app")
     p.add_argument("--deploy", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--runtime", action="store_true",
+                   help="the output of the app's own process, not a deploy's log")
     sub.add_parser("doctor", help="check this machine and the settings")
     p = sub.add_parser("alert", help="alert targets")
     alert_sub = p.add_subparsers(dest="alert_command", required=True)
@@ -669,8 +722,9 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"deploy": cmd_deploy, "stop": cmd_stop, "status": cmd_status,
-            "logs": cmd_logs, "doctor": cmd_doctor, "alert": cmd_alert}
+COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop,
+            "status": cmd_status, "logs": cmd_logs, "doctor": cmd_doctor,
+            "alert": cmd_alert}
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ inserted raw only when it is a Markup fragment built from admin.html itself.
 import base64
 import binascii
 import datetime
+import fnmatch
 import hashlib
 import hmac
 import html
@@ -26,6 +27,7 @@ import time
 import urllib.parse
 
 import health
+import runners
 import store
 
 log = logging.getLogger("dockrune.handlers")
@@ -173,6 +175,10 @@ class Application:
             return 200, {"message": "pong"}
         if event == "push":
             return self.on_push(payload)
+        if event == "pull_request":
+            return self.on_pull_request(payload)
+        if event == "delete":
+            return self.on_delete(payload)
         return 200, {"ignored": "event %s" % _printable(event)[:40] or "no event"}
 
     def on_push(self, payload):
@@ -181,6 +187,8 @@ class Application:
         if ref.startswith("refs/tags/"):
             return 200, {"ignored": "tag push"}
         if payload.get("deleted") or _text(payload.get("after")) == ZERO_SHA:
+            if ref.startswith("refs/heads/"):
+                return self.on_branch_gone(repo, ref[len("refs/heads/"):])
             return 200, {"ignored": "branch deleted"}
         if not ref.startswith("refs/heads/"):
             return 200, {"ignored": "push to %s" % _clip(ref)}
@@ -198,18 +206,97 @@ class Application:
                 return 200, {"ignored": "unknown repository %s" % repo}
             settings = self.store.load_app(app)
         wanted = settings.get("BRANCH") or default_branch
+        env = "production"
         if branch != wanted:
-            return 200, {"ignored": "push to %s; %s deploys %s"
-                                    % (_clip(branch), app, _clip(wanted))}
+            env = branch_environment(settings, branch)
+            if env is None:
+                return 200, {"ignored": "push to %s; %s deploys %s"
+                                        % (_clip(branch), app, _clip(wanted))}
         record = self.deployer.new_deploy(
-            app, "production", sha, branch, "push", repo=repo,
+            app, env, sha, branch, "push", repo=repo,
             forced=payload.get("forced") is True,
             pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
             message=_clip(_text((payload.get("head_commit") or {}).get("message")),
                           500))
         self.runner.submit(record)
-        return 202, {"deploy": record["id"], "app": app, "environment": "production",
+        return 202, {"deploy": record["id"], "app": app, "environment": env,
                      "sha": sha}
+
+    # -- previews --
+
+    def on_pull_request(self, payload):
+        """Deploy, hold for approval, or tear down the preview of a pull request."""
+        action = _text(payload.get("action"))
+        pr = payload.get("pull_request") or {}
+        number = payload.get("number", pr.get("number"))
+        repo = _text((payload.get("repository") or {}).get("full_name"))
+        if not isinstance(number, int) or isinstance(number, bool) or number <= 0:
+            raise HTTPError(400, "pull_request without a valid number")
+        if not store.is_repo(repo):
+            return 200, {"ignored": "invalid repository name %s" % _clip(repo)}
+        app, settings = self.store.find_app_by_repo(repo)
+        if app is None:
+            return 200, {"ignored": "unknown repository %s" % repo}
+        env = "pr-%d" % number
+        if action == "closed":
+            return self.tear_down(app, env, "pull request #%d closed" % number)
+        if action not in ("opened", "reopened", "synchronize"):
+            return 200, {"ignored": "pull_request %s" % _clip(action, 40)}
+        if not _switch_on(settings.get("PREVIEWS", "on")):
+            return 200, {"ignored": "previews are off for %s" % app}
+        head = pr.get("head") or {}
+        sha = _text(head.get("sha"))
+        if not _SHA_RE.match(sha):
+            raise HTTPError(400, "pull_request without a valid head sha")
+        facts = {"pr": number, "repo": repo,
+                 "title": _clip(_text(pr.get("title")), 200),
+                 "author": _clip(_text((pr.get("user") or {}).get("login"))),
+                 "pr_url": _clip(_text(pr.get("html_url")), 300)}
+        head_repo = _text((head.get("repo") or {}).get("full_name"))
+        if head_repo.lower() != repo.lower() and not _switch_on(
+                settings.get("PREVIEW_FORKS", "off")):
+            return self.hold_for_approval(app, env, sha, head, facts)
+        self.store.drop_approval(app, env)
+        record = self.deployer.new_deploy(app, env, sha, _clip(_text(head.get("ref"))),
+                                          "pull_request", **facts)
+        self.runner.submit(record)
+        return 202, {"deploy": record["id"], "app": app, "environment": env,
+                     "sha": sha}
+
+    def hold_for_approval(self, app, env, sha, head, facts):
+        """Record a fork's pull request; nothing of it runs until approved."""
+        request = dict(facts, app=app, environment=env, sha=sha,
+                       ref=_clip(_text(head.get("ref"))),
+                       fork=_clip(_text((head.get("repo") or {}).get("full_name"))))
+        self.store.request_approval(request)
+        self.deployer.notify("approval-needed", request)
+        log.info("preview %s/%s from a fork waits for approval of %s", app, env, sha)
+        return 202, {"waiting": "approval", "app": app, "environment": env,
+                     "sha": sha}
+
+    def on_delete(self, payload):
+        if _text(payload.get("ref_type")) != "branch":
+            return 200, {"ignored": "%s deleted" % _clip(_text(payload.get("ref_type")))}
+        repo = _text((payload.get("repository") or {}).get("full_name"))
+        return self.on_branch_gone(repo, _text(payload.get("ref")))
+
+    def on_branch_gone(self, repo, branch):
+        """Tear down the preview of a deleted branch, if there is one."""
+        if not store.is_repo(repo):
+            return 200, {"ignored": "invalid repository name %s" % _clip(repo)}
+        app, settings = self.store.find_app_by_repo(repo)
+        env = branch_environment(settings, branch) if app else None
+        if env is None or self.store.environment(app, env) is None:
+            return 200, {"ignored": "branch deleted"}
+        return self.tear_down(app, env, "branch %s deleted" % _clip(branch))
+
+    def tear_down(self, app, env, reason):
+        self.store.drop_approval(app, env)
+        if self.store.environment(app, env) is None:
+            return 200, {"ignored": "%s has no preview %s" % (app, env)}
+        self.runner.submit({"action": "teardown", "app": app, "environment": env,
+                            "reason": reason})
+        return 202, {"teardown": env, "app": app, "reason": reason}
 
     def register(self, repo, branch, default_branch):
         """Register repo as an app on a push to its default branch, if allowed."""
@@ -281,6 +368,9 @@ class Application:
             env = form.get("environment") or "production"
             self.known_environment(app, env)
             return self.manual_deploy(app, form.get("ref") or None, env)
+        if rest == ["rollback"]:
+            _allow(method, "POST")
+            return self.rollback(app, _read_form(environ))
         if rest == ["stop"]:
             _allow(method, "POST")
             env = _read_form(environ).get("environment") or "production"
@@ -301,6 +391,22 @@ class Application:
         log.info("deploy %s of %s/%s asked (%s)", record["id"], app, env, trigger)
         return _json(202, {"deploy": record["id"], "app": app, "environment": env,
                            "ref": ref})
+
+    def rollback(self, app, form):
+        env = form.get("environment") or "production"
+        deploy_id = form.get("deploy") or None
+        if not store.is_name(env):
+            raise HTTPError(400, "environment %s is not a name" % _clip(env))
+        if deploy_id is not None and not store.is_deploy_id(deploy_id):
+            raise HTTPError(400, "deploy %s is not a deploy id" % _clip(deploy_id))
+        try:
+            record = self.deployer.new_rollback(app, env, deploy_id)
+        except runners.DeployError as e:
+            raise HTTPError(409, str(e)) from None
+        self.runner.submit(record)
+        return _json(202, {"deploy": record["id"], "app": app, "environment": env,
+                           "rollback_to": record["rollback_to"],
+                           "sha": record["sha"]})
 
     def known_environment(self, app, env):
         """Return app/env's summary ({} for a production never deployed).
@@ -724,6 +830,28 @@ def _query_number(environ, name, default):
 
 
 # -- helpers -----------------------------------------------------------------------
+
+
+def branch_environment(settings, branch):
+    """Return the preview environment of branch when PREVIEW_BRANCHES matches it.
+
+    PREVIEW_BRANCHES holds shell-style patterns separated by spaces
+    ("feature/* fix-*").  The environment is "branch-<name>", with the name
+    passed through the one sanitiser; a branch that leaves no usable name
+    gets no preview.
+    """
+    patterns = (settings or {}).get("PREVIEW_BRANCHES", "").split()
+    if not branch or not any(fnmatch.fnmatchcase(branch, p) for p in patterns):
+        return None
+    try:
+        name = store.sanitize_name("branch-" + branch)
+    except ValueError:
+        return None
+    return name if name != "branch" else None
+
+
+def _switch_on(value):
+    return value.strip().lower() in ("on", "true", "yes", "1")
 
 
 def _allow(method, *allowed):

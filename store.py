@@ -10,7 +10,10 @@ Layout under DOCKRUNE_HOME::
     state/deliveries.json    recent X-GitHub-Delivery ids, bounded
     state/ports.json         ports handed out by dockrune
     logs/<app>/<id>.log      one file per deploy
+    logs/<app>/<environment>.runtime.log  output of the app's own processes
     src/<app>/<environment>  git checkouts
+    releases/<app>/<environment>/<sha>  builds kept for rollback (runners.py)
+    run/procs/<app>/<environment>.<slot>.json  supervised processes (supervise.py)
 
 Every write goes through write_json() or write_text(): a temporary file in the
 same directory, fsync, os.replace, fsync of the directory.  A crash leaves the
@@ -512,6 +515,49 @@ class Store:
                     "last_deploy": summary.get("last_deploy"),
                 })
         return result
+
+    def remove_environment(self, app, env):
+        """Forget app/env entirely (a preview torn down)."""
+        with self.lock:
+            envs = read_json(self._state("apps.json"), {})
+            if envs.pop("%s/%s" % (app, env), None) is not None:
+                write_json(self._state("apps.json"), envs)
+
+    # -- approvals of pull requests from forks --
+
+    def approvals(self):
+        """Return {"<app>/<environment>": request} for every preview on hold."""
+        with self.lock:
+            return read_json(self._state("approvals.json"), {})
+
+    def request_approval(self, request):
+        """Hold request (app, environment, sha, ...) until an operator approves it.
+
+        A newer request for the same environment replaces the older one: each
+        new commit needs its own approval.
+        """
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            held["%s/%s" % (request["app"], request["environment"])] = dict(
+                request, requested_at=utcnow())
+            write_json(self._state("approvals.json"), held)
+
+    def take_approval(self, app, env, sha):
+        """Remove and return the held request of app/env if it is for sha, else None."""
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            request = held.get("%s/%s" % (app, env))
+            if request is None or request.get("sha") != sha:
+                return None
+            del held["%s/%s" % (app, env)]
+            write_json(self._state("approvals.json"), held)
+            return request
+
+    def drop_approval(self, app, env):
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            if held.pop("%s/%s" % (app, env), None) is not None:
+                write_json(self._state("approvals.json"), held)
 
     # -- deploy records --
 
