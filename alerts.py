@@ -570,6 +570,14 @@ class GitHubReporter:
         self.outbox.enqueue("github", "github:" + deploy_id, "deployment_status", {
             "deploy": deploy_id, "repo": known["repo"],
             "body": {"state": "inactive", "description": "stopped by dockrune"}})
+        number = pr_number(summary)
+        if number is not None:
+            record = dict(self.store.deploy(deploy_id) or {}, status="stopped",
+                          url=None, finished_at=store.utcnow())
+            self.outbox.enqueue(
+                "github", "github-pr:%s#%d" % (known["repo"], number), "comment", {
+                    "repo": known["repo"], "pr": number,
+                    "body": comment_body(record, log_url(self.settings, record))})
 
     def _comment(self, record):
         number = pr_number(record)
@@ -701,7 +709,8 @@ def deployment_body(record):
 
 _COMMENT_MARK = "<!-- dockrune:%s/%s -->"
 _ICONS = {"live": "✅ live", "failed": "❌ failed", "queued": "⏳ queued",
-          "running": "⏳ deploying", "superseded": "⏭️ superseded"}
+          "running": "⏳ deploying", "superseded": "⏭️ superseded",
+          "stopped": "⏹️ preview removed"}
 
 
 def comment_body(record, url_of_log):

@@ -323,3 +323,16 @@ def test_doctor_command_prints_the_token_and_permission_checks(
     assert "ok   github token     accepted by %s\n" % gh.url in out
     assert "FAIL github octo/shop token lacks Pull requests: write\n" in out
     assert gh.token not in out
+
+
+def test_stopped_preview_says_so_in_its_pull_request_comment(started, gh):
+    st, box = started()
+    simulate(st, box, env="pr-7")
+    gh.wait_for(lambda r: any("/comments" in x["path"] for x in r))
+    box.notify("stopped", {"app": "shop", "environment": "pr-7",
+                           "status": "stopped"})
+    gh.wait_for(lambda r: sum("/comments" in x["path"] for x in r) >= 2)
+    assert gh.calls()[-1]["method"] == "PATCH"
+    text = list(gh.comments.values())[0]
+    assert "preview removed" in text and "https://pr-7-shop" not in text
+    assert gh.deployment_states()[-1] == "inactive"

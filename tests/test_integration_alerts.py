@@ -1,13 +1,14 @@
 """End to end with the outbox: a real daemon, git and Docker, and stand-ins for
 GitHub, Coach Artie, a Discord webhook and n8n."""
 
+import json
 import os
 import secrets
 
 import pytest
 
-from conftest import (GitRemote, compose_app, compose_down, free_port, post_hook,
-                      push_body)
+from conftest import (GitRemote, compose_app, compose_down, free_port, payload,
+                      post_hook, push_body)
 from standins import CoachArtie, Discord, GitHub, N8n
 
 CHANNEL = "123456789012345678"
@@ -148,4 +149,52 @@ def test_github_down_for_a_whole_deploy_and_a_restart_reports_it_afterwards(
     gh.wait_for(lambda r: len([x for x in r if x["status"] == 201]) >= 7)
     assert gh.sequence() == REPORTS + ["deployment:success", "commit:success"]
     assert gh.deployments()[0]["body"]["ref"] == sha
+    assert gh.problems == []
+
+
+def pull_request_body(repo, sha, action):
+    data = payload("pull_request.opened.1")
+    data["action"] = action
+    data["repository"]["full_name"] = repo
+    data["pull_request"]["head"]["repo"]["full_name"] = repo
+    data["pull_request"]["head"]["sha"] = sha
+    return json.dumps(data).encode()
+
+
+def test_pull_request_preview_keeps_one_comment_edited_in_place(
+        base_image, server_factory, tmp_path, app_name, outside):
+    gh = outside["github"]
+    remote = GitRemote(str(tmp_path / "git"))
+    low = free_port()
+    server = server_factory(DOCKRUNE_PORT_RANGE="%d-%d" % (low, min(low + 50, 65000)),
+                            **settings_env(outside))
+    os.makedirs(os.path.join(str(server.home), "apps"))
+    with open(os.path.join(str(server.home), "apps", app_name + ".env"), "w") as f:
+        f.write("REPO=tester/%s\nGIT_URL=%s\nBRANCH=main\nHEALTH_TIMEOUT=30\n"
+                % (app_name, remote.bare))
+    server.start()
+    repo = "tester/" + app_name
+    try:
+        for n, action in enumerate(("opened", "synchronize")):
+            sha = remote.commit(compose_app("preview %d" % n), "preview %d" % n)
+            code, answer = post_hook(server.url, "pull_request",
+                                     pull_request_body(repo, sha, action))
+            assert code == 202, answer
+            record = server.wait_deploy(answer["deploy"])
+            assert record["status"] == "live", open(record["log"]).read()
+            gh.wait_for(lambda r: sum("/comments" in x["path"] for x in r) > n)
+    finally:
+        compose_down("dockrune-%s-pr-2" % app_name)
+
+    comments = [(r["method"], r["path"]) for r in gh.calls()
+                if "/comments" in r["path"]]
+    number = list(gh.comments)[0]
+    assert comments == [("POST", "/repos/%s/issues/2/comments" % repo),
+                        ("PATCH", "/repos/%s/issues/comments/%d" % (repo, number))]
+    assert len(gh.comments) == 1 and "✅ live" in gh.comments[number]
+    assert sha[:7] in gh.comments[number]
+    contexts = {r["body"]["context"] for r in gh.calls() if "/statuses/" in r["path"]
+                and "/deployments/" not in r["path"]}
+    assert contexts == {"dockrune/%s/pr-2" % app_name}
+    assert {d["body"]["environment"] for d in gh.deployments()} == {"pr-2"}
     assert gh.problems == []
