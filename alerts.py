@@ -1065,7 +1065,9 @@ def _fit_description(embed):
     used = _units(embed["title"]) + _units(embed["footer"]["text"]) + sum(
         _units(f["name"]) + _units(f["value"]) for f in embed["fields"])
     room = min(DISCORD["description"], DISCORD["total"] - used - 50)
-    embed["description"] = clip(embed["description"], room, "\n" + TRUNCATED)
+    embed["description"] = clip(embed["description"].strip(), room, "\n" + TRUNCATED)
+    if not embed["description"]:
+        del embed["description"]    # a template may render to nothing at all
 
 
 def n8n_document(alert, text, values, record):
