@@ -320,3 +320,17 @@ def test_health_checker_down_and_up_reach_every_target(started, targets):
     docs = targets["n8n"].documents()
     assert [d["event"] for d in docs] == ["deploy_succeeded", "app_down", "app_up"]
     assert docs[1]["repo"] == "octo/shop" and docs[1]["status"] == "down"
+
+
+def test_template_that_renders_to_nothing_still_makes_a_valid_embed(
+        tmp_path, started, targets):
+    os.makedirs(str(tmp_path / "home" / "templates"))
+    with open(str(tmp_path / "home" / "templates" / "deploy_failed.discord.txt"),
+              "w") as f:
+        f.write("   \n")
+    st, box = started()
+    simulate(st, box, outcome="failed")
+    assert box.outbox.flush(10)
+    embed = targets["discord"].bodies()[0]["embeds"][0]
+    assert "description" not in embed and embed["title"] == "❌ shop: deploy failed"
+    assert targets["discord"].problems == []
