@@ -474,7 +474,7 @@ class GitHubReporter:
     def on_event(self, event, record):
         if not self.enabled():
             return
-        if event == "stopped":
+        if event in ("stopped", "torn-down"):   # torn-down: a preview is gone
             return self._on_stopped(record)
         repo, sha = record.get("repo"), record.get("sha")
         if not store.is_repo(repo or "") or not sha or event not in (

@@ -157,6 +157,10 @@ SETTINGS = (
     ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
+    ("DOCKRUNE_PREVIEW_PORT_RANGE", "9100-9899", _port_range,
+     "ports handed to preview environments"),
+    ("DOCKRUNE_RECONCILE_INTERVAL", "3600", _whole,
+     "seconds between passes that remove stale previews (0: only at start)"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_KEEP_RELEASES", "3", _whole,
@@ -269,6 +273,8 @@ class Daemon:
         self.deployer = runners.Deployer(self.store, settings,
                                          notify=self.alerts.notify, proxy=self.proxy)
         self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
+        self.reconciler = runners.Reconciler(self.store, self.runner,
+                                             settings.reconcile_interval)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
@@ -319,10 +325,12 @@ class Daemon:
                      record["app"], old["id"])
             self.runner.submit(record)
         self.health.start()
+        self.reconciler.start()
 
     def stop(self, timeout=10.0):
         """Stop the workers; the apps' processes go on running."""
         self.health.stop(timeout=min(timeout, 5.0))
+        self.reconciler.stop()
         stragglers = self.runner.shutdown(timeout)
         self.deployer.supervisor.shutdown()
         self.alerts.shutdown()

@@ -26,6 +26,7 @@ process group.
 """
 
 import collections
+import datetime
 import json
 import logging
 import os
@@ -329,6 +330,8 @@ class Deployer:
     def run(self, job):
         if job["action"] == "stop":
             self.run_stop(job["app"], job["environment"])
+        elif job["action"] == "teardown":
+            self.run_teardown(job["app"], job["environment"], job.get("reason", ""))
         else:
             self.run_deploy(job)
 
@@ -425,7 +428,36 @@ class Deployer:
             raise DeployError(str(e)) from e
         if settings is None:
             raise DeployError("no app file %s" % self.store.app_path(app))
+        if env != "production":
+            settings = self.preview_settings(app, env, record, settings)
         return DeployContext(self, record, settings, dlog)
+
+    def preview_settings(self, app, env, record, settings):
+        """Return the settings of preview app/env: the app's, its overrides, and
+        PREVIEW=1, PREVIEW_URL, PR_NUMBER; its own port and domain.
+
+        apps/<app>.preview.env overrides the app's keys in every preview.  The
+        port comes from DOCKRUNE_PREVIEW_PORT_RANGE, held until teardown; the
+        domain from PREVIEW_DOMAIN (default "{env}.{domain}").
+        """
+        path = os.path.join(self.store.apps_dir, app + ".preview.env")
+        try:
+            merged = dict(settings, **store.read_env_file(path))
+        except store.EnvFileError as e:
+            raise DeployError(str(e)) from e
+        low, high = self.settings.preview_port_range
+        try:
+            port = self.store.allocate_port("%s/%s" % (app, env), low, high)
+        except store.StoreError as e:
+            raise DeployError("%s: widen DOCKRUNE_PREVIEW_PORT_RANGE" % e) from None
+        merged["PORT"] = str(port)
+        merged["DOMAIN"] = preview_domain(app, env, merged, self.settings)
+        merged["PREVIEW"] = "1"
+        merged["PREVIEW_URL"] = ("https://%s" % merged["DOMAIN"] if merged["DOMAIN"]
+                                 else "http://127.0.0.1:%d" % port)
+        if record.get("pr"):
+            merged["PR_NUMBER"] = str(record["pr"])
+        return merged
 
     def sync_routes(self, record, overrides=None):
         """Bring the proxy's routes in line with the state; never raises.
@@ -457,6 +489,30 @@ class Deployer:
         except DeployError as e:
             log.error("stop of %s/%s failed: %s", app, env, e)
             raise
+        finally:
+            dlog.close()
+
+    def run_teardown(self, app, env, reason):
+        """Remove preview app/env completely: runtime, volumes, files, port, route."""
+        if env == "production":
+            raise DeployError("production is stopped, never torn down")
+        dlog = DeployLog(os.path.join(self.store.logs_dir, app, "teardown.log"),
+                         self.settings.log_max_bytes, secrets=self.settings.secrets())
+        try:
+            dlog.step("tearing down %s (%s): %s" % (app, env, reason))
+            stop_runtimes(self, app, env, dlog, keep="compose")
+            compose_down(self, app, env, dlog, volumes=True)
+            for path in (os.path.join(self.store.src_dir, app, env),
+                         os.path.join(self.store.home, "releases", app, env)):
+                shutil.rmtree(path, ignore_errors=True)
+            for key in ("%s/%s" % (app, env), "%s/%s/next" % (app, env)):
+                self.store.release_port(key)
+            summary = self.store.environment(app, env) or {
+                "app": app, "environment": env}
+            self.store.remove_environment(app, env)
+            self.sync_routes(summary)
+            log.info("tore down %s/%s: %s", app, env, reason)
+            self.notify("torn-down", dict(summary, status="stopped", reason=reason))
         finally:
             dlog.close()
 
@@ -578,6 +634,18 @@ class DeployContext:
         env.update(PORT=str(self.port), DOCKRUNE_APP=self.app,
                    DOCKRUNE_ENVIRONMENT=self.env, DOCKRUNE_SHA=self.sha or "")
         return env
+
+
+def preview_domain(app, env, settings, global_settings):
+    """Return the domain of preview env, or "" when there is nothing to base it on."""
+    template = settings.get("PREVIEW_DOMAIN") or "{env}.{domain}"
+    domain = settings.get("DOMAIN") or (
+        "%s.%s" % (app, global_settings.base_domain) if global_settings.base_domain
+        else "")
+    if "{domain}" in template and not domain:
+        return ""
+    return template.replace("{env}", env).replace("{app}", app).replace(
+        "{domain}", domain).lower()
 
 
 def compose_project(app, env):
@@ -832,8 +900,99 @@ def _quiet(argv, timeout=60, env=None):
 # -- compose: replaced in place, the previous sha brought back on failure ----------
 
 
+def check_preview_compose(ctx, compose_file):
+    """Refuse a preview's compose file that cannot run twice or is not safe.
+
+    The file is read as `docker compose config` renders it (variables filled
+    in).  Its output may hold the app's secrets, so it is never logged.
+    """
+    ctx.dlog.step("checking %s for a preview" % compose_file)
+    argv = compose_command() + ["-f", compose_file, "-p", ctx.project, "config"]
+    try:
+        done = subprocess.run(argv, cwd=ctx.checkout, env=ctx.app_environment(),
+                              capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=min(120, ctx.remaining()),
+                              start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DeployError("%s failed: %s" % (" ".join(argv), e)) from None
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]
+        raise DeployError("%s exited %d: %s" % (" ".join(argv), done.returncode,
+                                               ctx.dlog.redact(" | ".join(tail))))
+    problems = scan_compose_config(done.stdout.decode("utf-8", "replace"), ctx.port)
+    if problems:
+        raise DeployError("; ".join(problems))
+
+
+_HOST_MODES = ("network_mode", "pid", "ipc", "userns_mode", "uts")
+_PUBLISHED_RE = re.compile(r"published:\s*['\"]?(\d+)|"
+                           r"^-\s*['\"]?(?:[\d.]+:|\[[^\]]*\]:)?(\d+):\d+")
+_BIND_RE = re.compile(r"^-\s*['\"]?(/[^:'\"]*):|source:\s*['\"]?(/[^'\"\s]*)")
+
+
+def scan_compose_config(text, port):
+    """Return what makes a rendered compose config unfit for a preview.
+
+    A host port other than the preview's own PORT cannot be published twice;
+    privileged mode, the host's network, pid, ipc or user namespace, the
+    Docker socket or a mount of the host's root give a pull request the host.
+    """
+    problems, service, section, in_services = [], None, None, False
+    for raw in text.splitlines():
+        line = raw.strip()
+        indent = len(raw) - len(raw.lstrip(" "))
+        if not line:
+            continue
+        if indent == 0:
+            in_services, service = line == "services:", None
+            continue
+        if not in_services:
+            continue
+        if indent == 2 and line.endswith(":"):
+            service, section = line[:-1].strip("'\""), None
+            continue
+        if service is None:
+            continue
+        if indent == 4 and not line.startswith("-"):
+            key, _, value = line.partition(":")
+            value = value.strip().strip("'\"")
+            section = None if value else key
+            if key == "privileged" and value == "true":
+                problems.append("service %s asks for privileged mode, which "
+                                "previews may not have" % service)
+            if key in _HOST_MODES and value == "host":
+                problems.append("service %s asks for %s: host, which previews may "
+                                "not have" % (service, key))
+            continue
+        problems.extend(_section_problem(service, section, line, port))
+    return problems
+
+
+def _section_problem(service, section, line, port):
+    if section == "ports":
+        match = _PUBLISHED_RE.search(line)
+        published = match and (match.group(1) or match.group(2))
+        if published and int(published) != port:
+            return ["service %s publishes the fixed host port %s, which cannot run "
+                    "twice: publish \"127.0.0.1:${PORT}:<container port>\" instead"
+                    % (service, published)]
+    if section == "volumes":
+        if "docker.sock" in line:
+            return ["service %s mounts the Docker socket, which previews may not"
+                    % service]
+        match = _BIND_RE.search(line)
+        source = match and (match.group(1) or match.group(2))
+        if source and os.path.normpath(source) == "/":
+            return ["service %s mounts the host's root, which previews may not"
+                    % service]
+    return []
+
+
 def deploy_compose(ctx, facts):
     """Bring the compose project up; if it fails its health check, roll back."""
+    if ctx.env != "production":
+        check_preview_compose(ctx, find_compose_file(ctx.checkout))
+        ctx.dlog.blank()
     old_sha, old_kind = ctx.previous()
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
@@ -879,8 +1038,8 @@ def compose_up(ctx, compose_file):
     ctx.run(argv, cwd=ctx.checkout, env=ctx.app_environment())
 
 
-def compose_down(deployer, app, env, dlog):
-    """Stop and remove the app's compose project (its volumes are kept).
+def compose_down(deployer, app, env, dlog, volumes=False):
+    """Stop and remove the app's compose project (its volumes too, if asked).
 
     Without a compose file in the checkout (the project changed kind), the
     project's containers and default network are removed by their labels.
@@ -895,7 +1054,8 @@ def compose_down(deployer, app, env, dlog):
     checkout = os.path.join(deployer.store.src_dir, app, env)
     found = find_compose_file(checkout)
     if found is None:
-        run_command(["docker", "rm", "--force"] + ids.split(), dlog, timeout=120)
+        run_command(["docker", "rm", "--force", "--volumes"] + ids.split(), dlog,
+                    timeout=120)
         _quiet(["docker", "network", "rm", project + "_default"])
         return
     environment = _host_environment()
@@ -905,7 +1065,8 @@ def compose_down(deployer, app, env, dlog):
         pass
     environment.setdefault("PORT", "0")
     run_command(compose_command() + ["-f", found, "-p", project, "down",
-                                     "--remove-orphans"],
+                                     "--remove-orphans"] + (["--volumes"] if volumes
+                                                            else []),
                 dlog, timeout=300, cwd=checkout, env=environment)
 
 
@@ -1493,6 +1654,114 @@ def probe(url, timeout=3):
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return None, str(reason)[:100]
+
+
+# -- preview reconciliation --------------------------------------------------------
+
+
+def parse_duration(value, default):
+    """Return seconds for '90m', '36h', '7d' or a plain number of seconds."""
+    value = (value or "").strip().lower()
+    if not value:
+        return default
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1] in units else (value, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ValueError("%r is not a duration like 36h or 7d" % value) from None
+
+
+def stale_previews(store_, now, pull_request_state=None):
+    """Return [(app, environment, reason)] of previews that should go.
+
+    A preview goes when its pull request is closed (pull_request_state(repo,
+    number) answers "closed"; None means "cannot tell" and keeps it), when it
+    has not been deployed for PREVIEW_TTL (default 7d), or when the app has more
+    than MAX_PREVIEWS (default 10): the least recently deployed go first.
+    """
+    apps = store_.load_apps()
+    by_app = {}
+    for summary in store_.environments().values():
+        if summary.get("environment") != "production" and summary.get("app") in apps:
+            by_app.setdefault(summary["app"], []).append(summary)
+    stale = []
+    for app, previews in sorted(by_app.items()):
+        settings = apps[app]
+        try:
+            ttl = parse_duration(settings.get("PREVIEW_TTL"), 7 * 86400)
+            most = int(settings.get("MAX_PREVIEWS") or 10)
+        except ValueError as e:
+            log.error("previews of %s not reconciled: %s", app, e)
+            continue
+        previews.sort(key=lambda s: s.get("deployed_at") or "", reverse=True)
+        for rank, summary in enumerate(previews):
+            reason = _stale_reason(summary, settings, now, ttl, rank, most,
+                                   pull_request_state)
+            if reason:
+                stale.append((app, summary["environment"], reason))
+    return stale
+
+
+def _stale_reason(summary, settings, now, ttl, rank, most, pull_request_state):
+    env = summary["environment"]
+    if pull_request_state and env.startswith("pr-") and env[3:].isdigit():
+        if pull_request_state(settings.get("REPO", ""), int(env[3:])) == "closed":
+            return "pull request #%s is closed" % env[3:]
+    when = summary.get("deployed_at")
+    if when and not summary.get("running") and not summary.get("queued"):
+        try:
+            age = now - datetime.datetime.fromisoformat(
+                when.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            age = 0
+        if age > ttl:
+            return "not deployed for %d h (PREVIEW_TTL)" % (age // 3600)
+    if rank >= most:
+        return "more than MAX_PREVIEWS=%d previews" % most
+    return None
+
+
+class Reconciler:
+    """Removes stale previews at start and then every interval seconds."""
+
+    def __init__(self, store_, runner, interval=3600, pull_request_state=None):
+        self.store = store_
+        self.runner = runner
+        self.interval = interval
+        self.pull_request_state = pull_request_state
+        self._stopping = threading.Event()
+        self._thread = None
+
+    def run_once(self, now=None):
+        """Queue a teardown for every stale preview; return what was queued."""
+        stale = stale_previews(self.store, time.time() if now is None else now,
+                               self.pull_request_state)
+        for app, env, reason in stale:
+            log.info("preview %s/%s goes: %s", app, env, reason)
+            self.runner.submit({"action": "teardown", "app": app, "environment": env,
+                                "reason": reason})
+        return stale
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="dockrune-reconcile")
+        self._thread.start()
+
+    def stop(self, timeout=5.0):
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while not self._stopping.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("reconciling previews failed")
+            if self.interval <= 0:
+                return
+            self._stopping.wait(self.interval)
 
 
 # -- the queue ---------------------------------------------------------------------

@@ -321,6 +321,19 @@ def server_factory(tmp_path):
     yield start
     for server in started:
         server.stop()
+    for home in {str(server.home) for server in started}:
+        stop_supervised(home)
+
+
+def stop_supervised(home):
+    """Stop the app processes a test's daemon left running (they outlive it)."""
+    import supervise
+    run_dir = os.path.join(home, "run")
+    if not os.path.isdir(os.path.join(run_dir, "procs")):
+        return
+    sup = supervise.Supervisor(run_dir)
+    for spec in sup.specs():
+        sup.stop(spec["app"], spec["environment"], spec["slot"])
 
 
 def http_get(url, timeout=5):

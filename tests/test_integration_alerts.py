@@ -183,16 +183,26 @@ def test_pull_request_preview_keeps_one_comment_edited_in_place(
             record = server.wait_deploy(answer["deploy"])
             assert record["status"] == "live", open(record["log"]).read()
             gh.wait_for(lambda r: sum("/comments" in x["path"] for x in r) > n)
+
+        # Closing the pull request tears the preview down: inactive on GitHub,
+        # and the comment says the preview is gone.
+        code, answer = post_hook(server.url, "pull_request",
+                                 pull_request_body(repo, sha, "closed"))
+        assert code == 202, answer
+        gh.wait_for(lambda r: sum("/comments" in x["path"] for x in r) >= 3)
+        gh.wait_for(lambda r: any(x["body"].get("state") == "inactive" for x in r
+                                  if "/deployments/" in x["path"]))
     finally:
         compose_down("dockrune-%s-pr-2" % app_name)
 
     comments = [(r["method"], r["path"]) for r in gh.calls()
                 if "/comments" in r["path"]]
     number = list(gh.comments)[0]
-    assert comments == [("POST", "/repos/%s/issues/2/comments" % repo),
-                        ("PATCH", "/repos/%s/issues/comments/%d" % (repo, number))]
-    assert len(gh.comments) == 1 and "✅ live" in gh.comments[number]
+    edit = ("PATCH", "/repos/%s/issues/comments/%d" % (repo, number))
+    assert comments == [("POST", "/repos/%s/issues/2/comments" % repo), edit, edit]
+    assert len(gh.comments) == 1 and "preview removed" in gh.comments[number]
     assert sha[:7] in gh.comments[number]
+    assert gh.deployment_states()[-1] == "inactive"
     contexts = {r["body"]["context"] for r in gh.calls() if "/statuses/" in r["path"]
                 and "/deployments/" not in r["path"]}
     assert contexts == {"dockrune/%s/pr-2" % app_name}
