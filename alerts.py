@@ -476,6 +476,8 @@ class GitHubReporter:
             return
         if event in ("stopped", "torn-down"):   # torn-down: a preview is gone
             return self._on_stopped(record)
+        if event == "approval-needed":
+            return self._awaiting_approval(record)
         repo, sha = record.get("repo"), record.get("sha")
         if not store.is_repo(repo or "") or not sha or event not in (
                 "queued", "started", "live", "failed", "superseded"):
@@ -492,6 +494,44 @@ class GitHubReporter:
             self._mark_final(record["id"])
         else:
             self._finish(record)
+
+    def _awaiting_approval(self, request):
+        """Mark a fork's commit pending: its preview waits for an operator."""
+        repo, sha = request.get("repo"), request.get("sha")
+        if not store.is_repo(repo or "") or not sha:
+            return
+        body = {"state": "pending",
+                "context": "dockrune/%s/%s" % (request["app"], request["environment"]),
+                "description": "preview from a fork: waits for approval of %s on "
+                               "dockrune's admin page" % short(sha)}
+        if self.settings.public_url:
+            body["target_url"] = self.settings.public_url + "/admin"
+        self.outbox.enqueue("github", "github:approval:%s/%s" % (
+            request["app"], request["environment"]), "commit_status",
+            {"repo": repo, "sha": sha, "body": body})
+
+    def pull_request_state(self, repo, number):
+        """Ask GitHub whether pull request number of repo is "open" or "closed".
+
+        Returns None when it cannot tell (no token, GitHub down, an answer it
+        does not understand): the caller then keeps the preview.
+        """
+        if not self.enabled() or not store.is_repo(repo or ""):
+            return None
+        url = "%s/repos/%s/pulls/%d" % (self.settings.github_api, repo, number)
+        try:
+            answer = github_request(self.settings, self.user_agent, "GET", url)
+        except TransportError as e:
+            log.warning("github: cannot ask about %s#%d: %s", repo, number, e)
+            return None
+        if answer.status != 200:
+            log.warning("github: %s#%d answered HTTP %d", repo, number, answer.status)
+            return None
+        try:
+            state = json.loads(answer.body).get("state")
+        except (ValueError, AttributeError):
+            return None
+        return state if state in ("open", "closed") else None
 
     def _finish(self, record):
         state = deploy_state(record)

@@ -273,8 +273,9 @@ class Daemon:
         self.deployer = runners.Deployer(self.store, settings,
                                          notify=self.alerts.notify, proxy=self.proxy)
         self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
-        self.reconciler = runners.Reconciler(self.store, self.runner,
-                                             settings.reconcile_interval)
+        self.reconciler = runners.Reconciler(
+            self.store, self.runner, settings.reconcile_interval,
+            pull_request_state=self.alerts.github.pull_request_state)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)

@@ -293,6 +293,7 @@ class GitHub(StandIn):
                         for _m, _p, name in GITHUB_ROUTES}
         self.next_id = 1000
         self.comments = {}
+        self.pulls = {}         # (repo, number) -> "open" or "closed"
         super().__init__()
 
     def respond(self, request):
@@ -303,6 +304,12 @@ class GitHub(StandIn):
             return 401, {}, {"message": "Bad credentials"}
         if request["method"] == "GET" and request["path"] == "/rate_limit":
             return 200, {}, {"resources": {}, "rate": {"remaining": 4999}}
+        pull = re.match(r"^/repos/([^/]+/[^/]+)/pulls/(\d+)$", request["path"])
+        if request["method"] == "GET" and pull:
+            state = self.pulls.get((pull.group(1), int(pull.group(2))))
+            if state is None:
+                return 404, {}, {"message": "Not Found"}
+            return 200, {}, {"number": int(pull.group(2)), "state": state}
         for method, pattern, name in GITHUB_ROUTES:
             match = re.match(pattern, request["path"])
             if method == request["method"] and match:

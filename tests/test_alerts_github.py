@@ -336,3 +336,63 @@ def test_stopped_preview_says_so_in_its_pull_request_comment(started, gh):
     text = list(gh.comments.values())[0]
     assert "preview removed" in text and "https://pr-7-shop" not in text
     assert gh.deployment_states()[-1] == "inactive"
+
+
+# -- previews: forks waiting for approval, and reconciliation --
+
+
+def test_fork_waiting_for_approval_gets_a_pending_commit_status(started, gh):
+    st, box = started()
+    box.notify("approval-needed", {"app": "shop", "environment": "pr-3", "sha": SHA2,
+                                   "repo": "octo/shop", "pr": 3,
+                                   "fork": "stranger/shop"})
+    gh.wait_for(lambda r: len(r) >= 1)
+    assert box.outbox.flush(5)
+    assert gh.problems == []
+    [call] = gh.calls()
+    assert call["path"] == "/repos/octo/shop/statuses/" + SHA2
+    body = call["body"]
+    assert body["state"] == "pending" and body["context"] == "dockrune/shop/pr-3"
+    assert "waits for approval" in body["description"]
+    assert len(body["description"]) <= 140
+    assert body["target_url"] == PUBLIC + "/admin"
+    assert gh.deployments() == []
+
+
+def test_pull_request_state_asks_github_and_says_none_when_it_cannot_tell(
+        started, gh):
+    st, box = started()
+    gh.pulls[("octo/shop", 1)] = "closed"
+    gh.pulls[("octo/shop", 2)] = "open"
+    ask = box.github.pull_request_state
+    assert ask("octo/shop", 1) == "closed"
+    assert ask("octo/shop", 2) == "open"
+    assert ask("octo/shop", 3) is None
+    assert ask("../x", 1) is None
+    gh.down = True
+    assert ask("octo/shop", 1) is None
+
+
+def test_reconcile_tears_down_the_preview_of_a_closed_pull_request(started, gh):
+    import runners
+    st, box = started()
+    with open(st.app_path("shop"), "w") as f:
+        f.write("REPO=octo/shop\n")
+    for n in (1, 2):
+        st.update_environment("shop", "pr-%d" % n, status="live",
+                              deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                        time.gmtime()))
+    gh.pulls[("octo/shop", 1)] = "closed"
+    gh.pulls[("octo/shop", 2)] = "open"
+
+    class Queue:
+        jobs = []
+
+        def submit(self, job):
+            self.jobs.append(job)
+
+    queue = Queue()
+    runners.Reconciler(st, queue, pull_request_state=box.github.pull_request_state
+                       ).run_once()
+    assert [(j["action"], j["environment"]) for j in queue.jobs] == [
+        ("teardown", "pr-1")]
