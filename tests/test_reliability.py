@@ -431,7 +431,12 @@ def test_secrets_never_reach_logs_state_api_or_git_config(
         "exec httpd -f -p 8080 -h /www\"]\n")
     sha = remote.commit(files)
     port = free_port()
+    from standins import GitHub, N8n
+    github, n8n = GitHub(token=token), N8n(header=("X-Hook-Key", "n8n-" + password))
     server = server_factory(DOCKRUNE_GITHUB_TOKEN=token,
+                            DOCKRUNE_GITHUB_API=github.url,
+                            DOCKRUNE_N8N_WEBHOOK_URL=n8n.url + "/webhook/dockrune",
+                            DOCKRUNE_N8N_HEADER="X-Hook-Key: n8n-" + password,
                             DOCKRUNE_ADMIN_PASSWORD=password,
                             DOCKRUNE_API_TOKEN=api_token)
     write_app(server.home, app_name, remote, port)
@@ -451,21 +456,36 @@ def test_secrets_never_reach_logs_state_api_or_git_config(
               "w") as f:
         f.write('{"torn": ')
 
+    import base64
     import urllib.request
+    basic = "Basic " + base64.b64encode(("admin:" + password).encode()).decode()
     bodies = []
     for path in ("/api/apps", "/api/apps/%s/deploys" % app_name,
                  "/api/apps/nogit/deploys", "/api/deploys/%s" % deploy_id,
-                 "/api/deploys/%s/log" % deploy_id, "/admin"):
+                 "/api/deploys/%s/log" % deploy_id, "/admin",
+                 "/admin/apps/" + app_name, "/admin/deploys/" + deploy_id):
         request = urllib.request.Request(server.url + path, headers={
-            "Authorization": "Bearer " + api_token})
+            "Authorization": basic if path.startswith("/admin") else
+            "Bearer " + api_token})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 bodies.append(response.read().decode())
         except urllib.error.HTTPError as e:
             bodies.append(e.read().decode())
     assert "Traceback" in server.log()
+    assert "<table" in bodies[5], bodies[5][:300]       # the real admin page
+    # The live deploy was reported to GitHub; the failure (whose sha was never
+    # known: the fetch failed) was alerted to n8n, with its log tail.
+    github.wait_for(lambda calls: any(c["body"] and c["body"].get("state") ==
+                                      "success" for c in calls), timeout=30)
+    n8n.wait_for(lambda calls: any(c["body"] and c["body"].get("event") ==
+                                   "deploy_failed" for c in calls), timeout=30)
+    outbound = [json.dumps(c["body"]) for c in github.calls() + n8n.calls()]
+    assert any("log_tail" in text for text in outbound)
+    github.close()
+    n8n.close()
 
-    texts = ["\n".join(bodies), server.log()]
+    texts = ["\n".join(bodies), server.log()] + outbound
     for root, _dirs, names in os.walk(str(server.home)):
         for name in names:
             path = os.path.join(root, name)
