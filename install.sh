@@ -27,7 +27,7 @@
 set -euo pipefail
 
 RUNTIME_PACKAGES="git python3 python3-venv docker.io docker-compose ca-certificates"
-TEST_PACKAGES="busybox-static caddy chromium curl"
+TEST_PACKAGES="busybox-static caddy chromium curl systemd"
 WAITRESS="waitress>=3.0,<4"
 PYTEST="pytest>=8,<10"
 DRY_RUN=0

@@ -514,3 +514,29 @@ def test_log_formatter_redacts_secrets_in_tracebacks():
     text = formatter.format(record)
     assert "hunter22" not in text
     assert "token *** rejected" in text and "failed with ***" in text
+
+
+def test_deploy_timeout_kills_the_whole_build_and_fails_the_deploy(
+        server_factory, tmp_path):
+    import subprocess
+    name = "slow-" + secrets.token_hex(3)
+    marker = "dockrune-test-%s" % name
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit({"Procfile": "web: python3 -m http.server $PORT\n",
+                         "index.html": "x\n"})
+    server = server_factory()
+    write_app(server.home, name, remote, free_port(), TYPE="procfile",
+              BUILD="'sh -c \"sleep 120 & sleep 121; echo %s\"'" % marker,
+              DEPLOY_TIMEOUT="3")
+    server.start()
+    started = time.monotonic()
+    record = deploy_and_wait(server, "tester/" + name, sha)
+    assert record["status"] == "failed"
+    assert "timed out" in record["error"]
+    assert time.monotonic() - started < 30
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "sleep 12[01]"], capture_output=True,
+                          text=True).stdout.split()
+    mine = [pid for pid in left if ("DOCKRUNE_DEPLOY=%s" % record["id"]).encode()
+            in open("/proc/%s/environ" % pid, "rb").read()]
+    assert mine == []
