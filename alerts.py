@@ -22,6 +22,7 @@ Secrets stay out of the outbox file: the GitHub token, the Discord webhook
 URL and the n8n header are added when a request is sent, from the settings.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -208,6 +209,8 @@ class Outbox:
         self._busy = set()      # ids being sent right now
         self._threads = []
         self._stopping = False
+        self._batching = 0      # open batch() blocks; while any, saves wait
+        self._dirty = False
         state = store.read_json(self.path, None) or {}
         self._items = list(state.get("items", []))
         self._next_id = int(state.get("next_id", 1))
@@ -222,9 +225,32 @@ class Outbox:
                     "created": time.time(), "last_error": None}
             self._next_id += 1
             self._items.append(item)
-            self._save()
+            if self._batching:
+                self._dirty = True
+            else:
+                self._save()
             self._cond.notify_all()
         return item
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Write the calls queued inside the block once, at its end.
+
+        One event makes several calls; writing the file once for all of them
+        keeps the webhook handler quick.  A sender may take a call before the
+        block ends: it is sent at most once more after a crash, as any call.
+        """
+        with self._cond:
+            self._batching += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._batching -= 1
+                if not self._batching and self._dirty:
+                    self._dirty = False
+                    self._save()
+                    self._cond.notify_all()
 
     def pending(self, target=None):
         """Return copies of the items still to send (of one target, or all)."""
@@ -1219,11 +1245,12 @@ class Alerts:
         The Deployer's and the health checker's hook: it writes state files
         and touches no network, so the webhook handler may call it.
         """
-        for part in (self.github, self.notifier):
-            try:
-                part.on_event(event, dict(record))
-            except Exception:
-                log.exception("alerts: %s for %s failed", event, record.get("id"))
+        with self.outbox.batch():
+            for part in (self.github, self.notifier):
+                try:
+                    part.on_event(event, dict(record))
+                except Exception:
+                    log.exception("alerts: %s for %s failed", event, record.get("id"))
 
     def start(self):
         """Report what the last run left unreported, then start the senders.
