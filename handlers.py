@@ -27,6 +27,7 @@ import time
 import urllib.parse
 
 import health
+import poll
 import runners
 import store
 
@@ -212,13 +213,22 @@ class Application:
             if env is None:
                 return 200, {"ignored": "push to %s; %s deploys %s"
                                         % (_clip(branch), app, _clip(wanted))}
-        record = self.deployer.new_deploy(
-            app, env, sha, branch, "push", repo=repo,
-            forced=payload.get("forced") is True,
-            pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
-            message=_clip(_text((payload.get("head_commit") or {}).get("message")),
-                          500))
-        self.runner.submit(record)
+        def make_record():
+            return self.deployer.new_deploy(
+                app, env, sha, branch, "push", repo=repo,
+                forced=payload.get("forced") is True,
+                pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
+                message=_clip(_text((payload.get("head_commit") or {}).get(
+                    "message")), 500))
+
+        if poll.poll_enabled(self.settings, settings):
+            # The poller may have seen this push already: deploy it once.
+            record = self.runner.submit_new(app, env, sha, make_record)
+            if record is None:
+                return 200, {"ignored": "%s is live or on its way in %s/%s"
+                                        % (sha[:12], app, env)}
+        else:
+            record = self.runner.submit(make_record())
         return 202, {"deploy": record["id"], "app": app, "environment": env,
                      "sha": sha}
 
