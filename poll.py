@@ -252,11 +252,15 @@ class Poller:
             return []
         self._succeeded("git:" + url, now)
         queued = []
+        default = symrefs.get("HEAD", "")
+        default = default[len("refs/heads/"):] if default.startswith(
+            "refs/heads/") else ""
         for app, app_settings in members:
-            branch = app_settings.get("BRANCH") or symrefs.get("HEAD", "")
-            branch = branch[len("refs/heads/"):] if branch.startswith(
-                "refs/heads/") else branch
-            sha = refs.get("refs/heads/" + branch) if branch else None
+            branch = app_settings.get("BRANCH")
+            sha = refs.get("refs/heads/%s" % branch) if branch else None
+            if not branch and default:
+                # No BRANCH: the remote's HEAD, as a deploy by ref would take.
+                branch, sha = default, refs.get("HEAD")
             if sha is None:
                 _note(seen, app, "production", now,
                       error="no branch %r on the remote" % (branch or "HEAD"))
