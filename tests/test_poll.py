@@ -249,7 +249,7 @@ def test_app_with_poll_off_is_not_polled(tmp_path):
     assert store.read_json(os.path.join(rig.store.state_dir, "poll.json")) == {}
 
 
-# -- pull requests through a stand-in for the REST API ----------------------------------
+# -- pull requests through a stand-in for the REST API ------------------------------
 
 
 class FakeGitHub(http.server.BaseHTTPRequestHandler):
