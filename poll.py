@@ -325,6 +325,12 @@ class Poller:
         for pr in pulls:
             record = self.consider_pull(seen, app, app_settings, repo, pr, now)
             queued += [record] if record else []
+        # Forget what was seen of pull requests no longer open: one reopened
+        # at the same head is new again.
+        still = {"%s/pr-%s" % (app, pr.get("number")) for pr in pulls
+                 if isinstance(pr, dict)}
+        for key in [k for k in seen if k.startswith(app + "/pr-") and k not in still]:
+            del seen[key]
         return queued
 
     def consider_pull(self, seen, app, app_settings, repo, pr, now):

@@ -332,6 +332,31 @@ def test_open_pull_requests_get_previews_with_conditional_requests(
     assert [(r["environment"], r["sha"]) for r in rig.poller.run_once()] == [
         ("pr-7", "e" * 40)]
 
+    # Closed, then reopened at the same head: deployed again.
+    FakeGitHub.pulls = []
+    rig.clock.now += 10
+    assert rig.poller.run_once() == []
+    rig.store.remove_environment("blog", "pr-7")
+    rig.runner = rig.poller.runner = runners.Runner(rig.deployer)
+    FakeGitHub.pulls = [pull(7, "e" * 40)]
+    rig.clock.now += 10
+    assert [(r["environment"], r["sha"]) for r in rig.poller.run_once()] == [
+        ("pr-7", "e" * 40)]
+
+
+def test_api_apps_shows_what_polling_saw(tmp_path):
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit({"index.html": "one"})
+    rig = Rig(tmp_path / "home", DOCKRUNE_API_TOKEN="api-token-1234")
+    write_app(rig.settings.home, "blog", remote, 8123)
+    rig.poller.run_once()
+
+    status, _h, data = wsgi_call(rig.app, "GET", "/api/apps", headers={
+        "Authorization": "Bearer api-token-1234"})
+    assert status == 200
+    row = json.loads(data)[0]
+    assert row["poll_sha"] == sha and row["polled_at"].endswith("Z")
+
 
 def test_api_redirect_to_another_host_is_not_followed(tmp_path, github):
     remote = GitRemote(str(tmp_path / "git"))
