@@ -466,7 +466,7 @@ def cmd_stop(settings, args):
 
 def cmd_status(settings, args):
     st = _store(settings)
-    rows = poll.annotate(st.statuses(), st)
+    rows = poll.annotate(st.statuses(), st, settings)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -474,7 +474,7 @@ def cmd_status(settings, args):
         print("no apps yet: push to a repository of an allowed owner, or write "
               "%s/<app>.env" % os.path.join(settings.home, "apps"))
         return 0
-    polled = any(row["polled_at"] for row in rows)
+    polled = any(row.get("polled_at") for row in rows)
     line = "%-20s %-12s %-10s %-12s %-6s %-20s" + (" %s" if polled else "%s")
     print((line % ("APP", "ENV", "STATUS", "SHA", "PORT", "DEPLOYED",
                    "POLLED" if polled else "")).rstrip())

@@ -483,7 +483,7 @@ class Application:
                        uptime_24h=None if share is None else round(share * 100, 2))
             row[_SLOTS] = pairs
             rows.append(row)
-        return poll.annotate(rows, self.store)
+        return poll.annotate(rows, self.store, self.settings)
 
     # -- the admin pages --
 

@@ -406,8 +406,13 @@ def store_time(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def annotate(rows, store_):
-    """Add what polling saw to status rows: polled_at, poll_sha, poll_error."""
+def annotate(rows, store_, settings):
+    """Add what polling saw to status rows: polled_at, poll_sha, poll_error.
+
+    Only in poll mode: without it the rows stay as they always were.
+    """
+    if settings.poll_interval <= 0:
+        return rows
     seen = store.read_json(os.path.join(store_.state_dir, "poll.json"), {})
     for row in rows:
         entry = seen.get("%s/%s" % (row["app"], row["environment"])) or {}

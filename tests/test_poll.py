@@ -384,6 +384,7 @@ def test_status_shows_when_each_app_was_polled_and_what_it_saw(
     write_app(rig.settings.home, "blog", remote, 8123)
     rig.poller.run_once()
     monkeypatch.setenv("DOCKRUNE_HOME", rig.settings.home)
+    monkeypatch.setenv("DOCKRUNE_POLL_INTERVAL", "10")
 
     assert dockrune.main(["status", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
@@ -393,6 +394,13 @@ def test_status_shows_when_each_app_was_polled_and_what_it_saw(
     assert dockrune.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "POLLED" in out and "saw %s" % sha[:12] in out
+
+    # Without poll mode, status looks as it always did.
+    monkeypatch.setenv("DOCKRUNE_POLL_INTERVAL", "0")
+    assert dockrune.main(["status", "--json"]) == 0
+    assert "polled_at" not in json.loads(capsys.readouterr().out)[0]
+    assert dockrune.main(["status"]) == 0
+    assert "POLLED" not in capsys.readouterr().out
 
 
 # -- end to end: a real daemon, real git, a real Docker engine ------------------------
