@@ -37,6 +37,7 @@ import poll
 import proxy
 import runners
 import store
+import swarm
 
 __version__ = "0.1.0"
 
@@ -93,6 +94,13 @@ def _url(value):
     return value.rstrip("/")
 
 
+def _engine(value):
+    value = value.strip().lower()
+    if value not in ("compose", "swarm"):
+        raise ValueError("expected compose or swarm")
+    return value
+
+
 # key, default, converter, what it is.  The attribute name is the key without
 # its DOCKRUNE_ prefix, in lower case (DOCKRUNE_WEBHOOK_SECRET -> webhook_secret).
 SETTINGS = (
@@ -139,6 +147,10 @@ SETTINGS = (
      "deploy again, at start, what a crash interrupted"),
     ("DOCKRUNE_HEALTH_INTERVAL", "30", _whole,
      "seconds between uptime checks of live apps (0: no checks)"),
+    ("DOCKRUNE_ENGINE", "compose", _engine,
+     "how compose apps run: compose (this host) or swarm (a stack)"),
+    ("DOCKRUNE_REGISTRY", "", _text,
+     "registry that swarm images are pushed to, for the other nodes"),
     ("DOCKRUNE_POLL_INTERVAL", "0", _whole,
      "seconds between looks for new commits without webhooks (0: off)"),
     ("DOCKRUNE_POLL_MAX_BACKOFF", "900", _whole,
@@ -466,7 +478,7 @@ def cmd_stop(settings, args):
 
 def cmd_status(settings, args):
     st = _store(settings)
-    rows = poll.annotate(st.statuses(), st, settings)
+    rows = swarm.annotate(poll.annotate(st.statuses(), st, settings), st)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -479,8 +491,9 @@ def cmd_status(settings, args):
     print((line % ("APP", "ENV", "STATUS", "SHA", "PORT", "DEPLOYED",
                    "POLLED" if polled else "")).rstrip())
     for row in rows:
+        status = row["status"] + (" " + row["replicas"] if "replicas" in row else "")
         print((line % (
-            row["app"], row["environment"], row["status"], (row["sha"] or "-")[:12],
+            row["app"], row["environment"], status, (row["sha"] or "-")[:12],
             row["port"] or "-", row["deployed_at"] or "-",
             _poll_column(row) if polled else "")).rstrip())
     return 0

@@ -30,6 +30,7 @@ import health
 import poll
 import runners
 import store
+import swarm
 
 log = logging.getLogger("dockrune.handlers")
 
@@ -483,7 +484,8 @@ class Application:
                        uptime_24h=None if share is None else round(share * 100, 2))
             row[_SLOTS] = pairs
             rows.append(row)
-        return poll.annotate(rows, self.store, self.settings)
+        return swarm.annotate(poll.annotate(rows, self.store, self.settings),
+                             self.store)
 
     # -- the admin pages --
 
@@ -702,8 +704,9 @@ class Application:
             if store.is_deploy_id(row["last_deploy"]) else self.fill(
                 "badge", status=status), commit=self.commit_link(row),
             when=self.when(row["deployed_at"], now), port=row["port"] or "-",
-            domain=domain, uptime=self.uptime_bar(row),
-            buttons=buttons)
+            domain=domain, uptime=self.uptime_bar(row), buttons=buttons,
+            replicas=Markup('<div class="muted mono">%s replicas</div>' % html.escape(
+                row["replicas"])) if row.get("replicas") else "")
 
     def deploy_row(self, record, now):
         duration = record.get("duration")

@@ -993,6 +993,10 @@ def deploy_compose(ctx, facts):
     if ctx.env != "production":
         check_preview_compose(ctx, find_compose_file(ctx.checkout))
         ctx.dlog.blank()
+    import swarm    # here: swarm builds on this module's steps
+    if swarm.engine_of(ctx.settings, ctx.global_settings) == "swarm":
+        return swarm.deploy_stack(ctx, facts)
+    ctx.store.update_environment(ctx.app, ctx.env, engine=None)
     old_sha, old_kind = ctx.previous()
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
@@ -1556,6 +1560,10 @@ def stop_runtimes(deployer, app, env, dlog, keep=None):
             remove_container(dlog, container_name(app, env, slot))
     if keep != "compose":
         compose_down(deployer, app, env, dlog)
+    if keep != "swarm" and shutil.which("docker"):
+        import swarm
+        if swarm.remove_stack(app, env, dlog):
+            dlog.line("removed the stack %s" % swarm.stack_name(app, env), force=True)
 
 
 def prune_releases(ctx):
