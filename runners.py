@@ -996,7 +996,8 @@ def deploy_compose(ctx, facts):
     import swarm    # here: swarm builds on this module's steps
     if swarm.engine_of(ctx.settings, ctx.global_settings) == "swarm":
         return swarm.deploy_stack(ctx, facts)
-    ctx.store.update_environment(ctx.app, ctx.env, engine=None)
+    if (ctx.store.environment(ctx.app, ctx.env) or {}).get("engine"):
+        ctx.store.update_environment(ctx.app, ctx.env, engine=None)
     old_sha, old_kind = ctx.previous()
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))

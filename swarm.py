@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 
 import runners
 import store
@@ -128,6 +129,8 @@ def deploy_stack(ctx, facts):
     registry = ctx.global_settings.registry
     images = {s: image_for(ctx.app, s, ctx.sha, registry)
               for s, f in services.items() if f["build"]}
+    # Beside the compose file, so that relative paths in both mean the same;
+    # the next checkout's `git clean` removes it.
     override = os.path.join(ctx.checkout, OVERRIDE)
     store.write_text(override, render_override(services, images))
     ctx.dlog.blank()
@@ -225,9 +228,16 @@ def check_rollout(ctx, stack, before):
             raise runners.DeployError(
                 "the swarm rolled %s back to the version before (%s): its new "
                 "tasks failed" % (service, state.split()[0]))
+    # Converged does not always mean running yet: give the tasks a moment.
+    deadline = time.monotonic() + min(30, ctx.remaining())
     running, wanted = replicas(stack)
-    if wanted and not running:
-        raise runners.DeployError("no replica of %s is running" % stack)
+    while running < wanted and time.monotonic() < deadline:
+        time.sleep(1)
+        running, wanted = replicas(stack)
+    if running < wanted:
+        raise runners.DeployError("only %d of %d replicas of %s are running (see "
+                                  "docker stack ps %s)" % (running, wanted, stack,
+                                                           stack))
 
 
 def _log_tasks(ctx, service):

@@ -114,12 +114,12 @@ def one_node_swarm():
         docker("swarm", "leave", "--force")
 
 
-def stack_app(marker, broken=False):
+def stack_app(marker, broken=False, page="index.html"):
     """Return the files of a compose app for a swarm: a host-mode port."""
     command = '["false"]' if broken else '["httpd", "-f", "-p", "8080", "-h", "/www"]'
     return {
         "Dockerfile": "FROM %s\nCOPY site /www\nCMD %s\n" % (BASE_IMAGE, command),
-        "site/index.html": marker + "\n",
+        "site/index.html": None, "site/" + page: marker + "\n",
         # One node, one host port: the old task must stop before the new one
         # can bind it, so this app asks for stop-first itself.
         "compose.yaml": ("services:\n  web:\n    build: .\n    ports:\n"
@@ -142,7 +142,7 @@ def test_stack_deploys_rolls_forward_rolls_back_and_stops(
     remote = GitRemote(str(tmp_path / "git"))
     port = free_port()
     server = server_factory()
-    write_app(server.home, name, remote, port, ENGINE="swarm")
+    write_app(server.home, name, remote, port, ENGINE="swarm", HEALTH_TIMEOUT="8")
     server.start()
     url = "http://127.0.0.1:%d/" % port
     try:
@@ -164,7 +164,15 @@ def test_stack_deploys_rolls_forward_rolls_back_and_stops(
         assert http_get(url) == (200, "two\n")
         assert service_image(stack).endswith(second)
 
-        broken = remote.commit(stack_app("three", broken=True))
+        # Runs, but does not answer on / (404): dockrune rolls the stack back.
+        unhealthy = remote.commit(stack_app("three", page="other.html"))
+        record = push(server, name, unhealthy)
+        assert record["status"] == "failed"
+        assert "the swarm rolled the stack back" in record["error"]
+        assert http_get(url) == (200, "two\n")
+        assert service_image(stack).endswith(second)
+
+        broken = remote.commit(stack_app("four", broken=True))
         record = push(server, name, broken)
         assert record["status"] == "failed"
         assert "the swarm rolled %s_web back" % stack in record["error"]
