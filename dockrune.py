@@ -12,6 +12,7 @@ that it answers, and keeps a log of every deploy.
     dockrune status [--json]        every app and environment
     dockrune logs APP [--deploy ID | --runtime] [--follow]
     dockrune doctor                 check this machine and the settings
+    dockrune alert test [TARGET]    send a test alert to each alert target
 
 Settings come from the environment or from $DOCKRUNE_HOME/dockrune.env (the
 environment wins); the SETTINGS table below lists them with their defaults.
@@ -31,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
+import alerts
 import handlers
 import health
 import poll
@@ -94,6 +96,30 @@ def _url(value):
     return value.rstrip("/")
 
 
+def _seconds(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not number >= 0:
+        raise ValueError("expected a number of seconds, zero or more")
+    return number
+
+
+def _header(value):
+    value = value.strip()
+    name, sep, _rest = value.partition(":")
+    if value and (not sep or not name.strip() or any(
+            c in name for c in " \t\r\n")):
+        raise ValueError('expected "Name: value", like "X-Dockrune-Key: s3cret"')
+    return value
+
+
+def _rules(value):
+    alerts.parse_rules(value)
+    return value.strip()
+
+
 def _engine(value):
     value = value.strip().lower()
     if value not in ("compose", "swarm"):
@@ -121,6 +147,22 @@ SETTINGS = (
     ("DOCKRUNE_COACH_ARTIE_CHANNEL", "", _text, "Coach Artie channel id"),
     ("DOCKRUNE_DISCORD_WEBHOOK_URL", "", _url, "a Discord webhook"),
     ("DOCKRUNE_N8N_WEBHOOK_URL", "", _url, "an n8n Webhook node URL"),
+    ("DOCKRUNE_N8N_HEADER", "", _header,
+     'header the n8n Webhook node checks, "Name: value"'),
+    ("DOCKRUNE_ALERTS_COACH_ARTIE", alerts.DEFAULT_RULES["coach-artie"], _rules,
+     "events sent to Coach Artie (a list, all or none)"),
+    ("DOCKRUNE_ALERTS_DISCORD", alerts.DEFAULT_RULES["discord"], _rules,
+     "events sent to the Discord webhook"),
+    ("DOCKRUNE_ALERTS_N8N", alerts.DEFAULT_RULES["n8n"], _rules,
+     "events sent to n8n"),
+    ("DOCKRUNE_OUTBOX_TIMEOUT", "10", _seconds,
+     "timeout of one outbound HTTP request"),
+    ("DOCKRUNE_OUTBOX_RETRY_BASE", "2", _seconds,
+     "first retry delay of a failed outbound call; it doubles each time"),
+    ("DOCKRUNE_OUTBOX_RETRY_MAX", "300", _seconds,
+     "longest wait between retries, or asked for by a rate limit"),
+    ("DOCKRUNE_OUTBOX_MAX_AGE", "86400", _seconds,
+     "outbound calls still failing after this long are given up"),
     ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
@@ -157,7 +199,8 @@ SETTINGS = (
      "longest wait, in seconds, before asking a failing remote again"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
-               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
+               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN",
+               "DOCKRUNE_DISCORD_WEBHOOK_URL")
 
 
 class SettingsError(Exception):
@@ -180,7 +223,11 @@ class Settings:
 
     def secrets(self):
         """Return every secret value, so logs can redact them."""
-        return [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        found = [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        header_value = self.n8n_header.partition(":")[2].strip()
+        if header_value:
+            found.append(header_value)
+        return found
 
 
 def load_settings(environ=None):
@@ -238,18 +285,21 @@ class Daemon:
         self.settings = settings
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
+        self.alerts = alerts.Alerts(self.store, settings, user_agent())
         self.proxy = proxy.Proxy(self.store, settings)
-        self.deployer = runners.Deployer(self.store, settings, proxy=self.proxy)
+        self.deployer = runners.Deployer(self.store, settings,
+                                         notify=self.alerts.notify, proxy=self.proxy)
         self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
-        self.reconciler = runners.Reconciler(self.store, self.runner,
-                                             settings.reconcile_interval)
+        self.reconciler = runners.Reconciler(
+            self.store, self.runner, settings.reconcile_interval,
+            pull_request_state=self.alerts.github.pull_request_state)
         self.poller = poll.Poller(self.store, settings, self.runner, self.deployer)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
         # Whoever wants app-down and app-up events (the alerts outbox) appends
         # a callable listener(event, info) here.
-        self.listeners = []
+        self.listeners = [self.alerts.notify]
         self.health = health.HealthChecker(self.store, settings.health_interval,
                                            notify=self.notify,
                                            busy=self.runner.lane_busy)
@@ -278,6 +328,7 @@ class Daemon:
             if killed:
                 log.warning("killed %d processes left by interrupted deploy %s",
                             killed, old["id"])
+        self.alerts.start()
         self.runner.start()
         for record in queued:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
@@ -303,7 +354,12 @@ class Daemon:
         self.reconciler.stop()
         stragglers = self.runner.shutdown(timeout)
         self.deployer.supervisor.shutdown()
+        self.alerts.shutdown()
         return stragglers
+
+
+def user_agent():
+    return "dockrune/%s (push-to-deploy; python-urllib)" % __version__
 
 
 class _Shutdown(Exception):
@@ -407,6 +463,7 @@ def cmd_deploy(settings, args):
 def deploy_foreground(settings, app, ref, record=None):
     """Deploy app (or run the queued record) here, printing its log as it goes."""
     daemon = Daemon(settings)
+    daemon.alerts.start()
     if record is None:
         sha = ref if ref and handlers._SHA_RE.match(ref) else None
         record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
@@ -416,10 +473,19 @@ def deploy_foreground(settings, app, ref, record=None):
     worker.start()
     follow_log(record["log"], lambda: not worker.is_alive())
     worker.join()
+    flush_alerts(daemon.alerts)
     if result.get("status") != "live":
         raise SettingsError("deploy %s failed: %s"
                             % (record["id"], result.get("error")))
     return 0
+
+
+def flush_alerts(alerts_, timeout=20.0):
+    """Give GitHub and the alert targets a moment; what is left waits on disk."""
+    if not alerts_.outbox.flush(timeout):
+        print("dockrune: some reports are not delivered yet; the daemon sends "
+              "them when it starts", file=sys.stderr)
+    alerts_.shutdown()
 
 
 def follow_log(path, finished, out=None):
@@ -467,11 +533,16 @@ def cmd_stop(settings, args):
         call_daemon(daemon, "POST", "/api/apps/%s/stop" % app, {})
         print("stopping %s (through the daemon)" % app)
         return 0
-    deployer = runners.Deployer(_store(settings), settings)
+    st = _store(settings)
+    alerts_ = alerts.Alerts(st, settings, user_agent())
+    alerts_.start()
+    deployer = runners.Deployer(st, settings, notify=alerts_.notify)
     try:
         deployer.run_stop(app, "production")
     except runners.DeployError as e:
         raise SettingsError("stop failed: %s" % e) from None
+    finally:
+        flush_alerts(alerts_)
     print("stopped %s" % app)
     return 0
 
@@ -570,12 +641,51 @@ def cmd_doctor(settings, _args):
     for name, (ok, detail) in checks:
         print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
         failed += 0 if ok or name in ("node", "npm") else 1
+    repos = set()
     for app in store.Store(settings.home).app_names():
         try:
-            store.Store(settings.home).load_app(app)
+            repo = (store.Store(settings.home).load_app(app) or {}).get("REPO")
         except store.EnvFileError as e:
             print("FAIL %-16s %s" % ("app " + app, e))
             failed += 1
+            continue
+        if store.is_repo(repo or ""):
+            repos.add(repo)
+    for ok, name, detail in alerts.check_github_token(settings, sorted(repos),
+                                                      user_agent()):
+        print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
+        failed += 0 if ok else 1
+    templates = alerts.Templates(os.path.join(settings.home, "templates"))
+    for problem in templates.problems():
+        print("FAIL %-16s %s" % ("template", problem))
+        failed += 1
+    return 1 if failed else 0
+
+
+def cmd_alert(settings, args):
+    """Send a test alert to each configured target; print what each answered."""
+    notifier = alerts.Notifier(None, _store(settings), settings, user_agent())
+    configured = notifier.targets()
+    if args.target and args.target not in configured:
+        raise SettingsError("%s is not configured (configured: %s)" % (
+            args.target, ", ".join(configured) or "none; see DOCKRUNE_COACH_ARTIE_URL,"
+            " DOCKRUNE_DISCORD_WEBHOOK_URL, DOCKRUNE_N8N_WEBHOOK_URL"))
+    if not configured:
+        raise SettingsError("no alert target is configured: set "
+                            "DOCKRUNE_COACH_ARTIE_URL and _CHANNEL, "
+                            "DOCKRUNE_DISCORD_WEBHOOK_URL or DOCKRUNE_N8N_WEBHOOK_URL")
+    failed = 0
+    for target in [args.target] if args.target else configured:
+        try:
+            answer = notifier.post(target, notifier.test_payload(target))
+        except alerts.TransportError as e:
+            print("%-12s no answer: %s" % (target, e))
+            failed += 1
+            continue
+        ok = 200 <= answer.status < 300
+        print("%-12s %d %s" % (target, answer.status, answer.message()
+                               if answer.body else "(empty body)"))
+        failed += 0 if ok else 1
     return 1 if failed else 0
 
 
@@ -648,12 +758,16 @@ def build_parser():
     p.add_argument("--runtime", action="store_true",
                    help="the output of the app's own process, not a deploy's log")
     sub.add_parser("doctor", help="check this machine and the settings")
+    p = sub.add_parser("alert", help="alert targets")
+    alert_sub = p.add_subparsers(dest="alert_command", required=True)
+    p = alert_sub.add_parser("test", help="send a test alert to each target")
+    p.add_argument("target", nargs="?", choices=alerts.ALERT_TARGETS)
     return parser
 
 
 COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop,
-            "status": cmd_status,
-            "logs": cmd_logs, "doctor": cmd_doctor}
+            "status": cmd_status, "logs": cmd_logs, "doctor": cmd_doctor,
+            "alert": cmd_alert}
 
 
 def main(argv=None):
