@@ -35,9 +35,11 @@ import urllib.request
 import alerts
 import handlers
 import health
+import poll
 import proxy
 import runners
 import store
+import swarm
 
 __version__ = "0.1.0"
 
@@ -118,6 +120,13 @@ def _rules(value):
     return value.strip()
 
 
+def _engine(value):
+    value = value.strip().lower()
+    if value not in ("compose", "swarm"):
+        raise ValueError("expected compose or swarm")
+    return value
+
+
 # key, default, converter, what it is.  The attribute name is the key without
 # its DOCKRUNE_ prefix, in lower case (DOCKRUNE_WEBHOOK_SECRET -> webhook_secret).
 SETTINGS = (
@@ -180,6 +189,14 @@ SETTINGS = (
      "deploy again, at start, what a crash interrupted"),
     ("DOCKRUNE_HEALTH_INTERVAL", "30", _whole,
      "seconds between uptime checks of live apps (0: no checks)"),
+    ("DOCKRUNE_ENGINE", "compose", _engine,
+     "how compose apps run: compose (this host) or swarm (a stack)"),
+    ("DOCKRUNE_REGISTRY", "", _text,
+     "registry that swarm images are pushed to, for the other nodes"),
+    ("DOCKRUNE_POLL_INTERVAL", "0", _whole,
+     "seconds between looks for new commits without webhooks (0: off)"),
+    ("DOCKRUNE_POLL_MAX_BACKOFF", "900", _whole,
+     "longest wait, in seconds, before asking a failing remote again"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
                "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN",
@@ -276,6 +293,7 @@ class Daemon:
         self.reconciler = runners.Reconciler(
             self.store, self.runner, settings.reconcile_interval,
             pull_request_state=self.alerts.github.pull_request_state)
+        self.poller = poll.Poller(self.store, settings, self.runner, self.deployer)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
@@ -327,10 +345,12 @@ class Daemon:
             self.runner.submit(record)
         self.health.start()
         self.reconciler.start()
+        self.poller.start()
 
     def stop(self, timeout=10.0):
         """Stop the workers; the apps' processes go on running."""
         self.health.stop(timeout=min(timeout, 5.0))
+        self.poller.stop()
         self.reconciler.stop()
         stragglers = self.runner.shutdown(timeout)
         self.deployer.supervisor.shutdown()
@@ -528,7 +548,8 @@ def cmd_stop(settings, args):
 
 
 def cmd_status(settings, args):
-    rows = _store(settings).statuses()
+    st = _store(settings)
+    rows = swarm.annotate(poll.annotate(st.statuses(), st, settings), st)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -536,13 +557,26 @@ def cmd_status(settings, args):
         print("no apps yet: push to a repository of an allowed owner, or write "
               "%s/<app>.env" % os.path.join(settings.home, "apps"))
         return 0
-    print("%-20s %-12s %-10s %-12s %-6s %s" % ("APP", "ENV", "STATUS", "SHA",
-                                               "PORT", "DEPLOYED"))
+    polled = any(row.get("polled_at") for row in rows)
+    line = "%-20s %-12s %-10s %-12s %-6s %-20s" + (" %s" if polled else "%s")
+    print((line % ("APP", "ENV", "STATUS", "SHA", "PORT", "DEPLOYED",
+                   "POLLED" if polled else "")).rstrip())
     for row in rows:
-        print("%-20s %-12s %-10s %-12s %-6s %s" % (
-            row["app"], row["environment"], row["status"], (row["sha"] or "-")[:12],
-            row["port"] or "-", row["deployed_at"] or "-"))
+        status = row["status"] + (" " + row["replicas"] if "replicas" in row else "")
+        print((line % (
+            row["app"], row["environment"], status, (row["sha"] or "-")[:12],
+            row["port"] or "-", row["deployed_at"] or "-",
+            _poll_column(row) if polled else "")).rstrip())
     return 0
+
+
+def _poll_column(row):
+    """Say when the row's app was last polled and what that saw."""
+    if not row["polled_at"]:
+        return "-"
+    if row["poll_error"]:
+        return "%s error: %s" % (row["polled_at"], row["poll_error"][:60])
+    return "%s saw %s" % (row["polled_at"], (row["poll_sha"] or "-")[:12])
 
 
 def cmd_logs(settings, args):

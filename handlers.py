@@ -27,8 +27,10 @@ import time
 import urllib.parse
 
 import health
+import poll
 import runners
 import store
+import swarm
 
 log = logging.getLogger("dockrune.handlers")
 
@@ -212,13 +214,22 @@ class Application:
             if env is None:
                 return 200, {"ignored": "push to %s; %s deploys %s"
                                         % (_clip(branch), app, _clip(wanted))}
-        record = self.deployer.new_deploy(
-            app, env, sha, branch, "push", repo=repo,
-            forced=payload.get("forced") is True,
-            pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
-            message=_clip(_text((payload.get("head_commit") or {}).get("message")),
-                          500))
-        self.runner.submit(record)
+        def make_record():
+            return self.deployer.new_deploy(
+                app, env, sha, branch, "push", repo=repo,
+                forced=payload.get("forced") is True,
+                pusher=_clip(_text((payload.get("pusher") or {}).get("name"))),
+                message=_clip(_text((payload.get("head_commit") or {}).get(
+                    "message")), 500))
+
+        if poll.poll_enabled(self.settings, settings):
+            # The poller may have seen this push already: deploy it once.
+            record = self.runner.submit_new(app, env, sha, make_record)
+            if record is None:
+                return 200, {"ignored": "%s is live or on its way in %s/%s"
+                                        % (sha[:12], app, env)}
+        else:
+            record = self.runner.submit(make_record())
         return 202, {"deploy": record["id"], "app": app, "environment": env,
                      "sha": sha}
 
@@ -473,7 +484,8 @@ class Application:
                        uptime_24h=None if share is None else round(share * 100, 2))
             row[_SLOTS] = pairs
             rows.append(row)
-        return rows
+        return swarm.annotate(poll.annotate(rows, self.store, self.settings),
+                             self.store)
 
     # -- the admin pages --
 
@@ -692,8 +704,9 @@ class Application:
             if store.is_deploy_id(row["last_deploy"]) else self.fill(
                 "badge", status=status), commit=self.commit_link(row),
             when=self.when(row["deployed_at"], now), port=row["port"] or "-",
-            domain=domain, uptime=self.uptime_bar(row),
-            buttons=buttons)
+            domain=domain, uptime=self.uptime_bar(row), buttons=buttons,
+            replicas=Markup('<div class="muted mono">%s replicas</div>' % html.escape(
+                row["replicas"])) if row.get("replicas") else "")
 
     def deploy_row(self, record, now):
         duration = record.get("duration")

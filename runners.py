@@ -710,7 +710,7 @@ def fetch_source(ctx):
     else:
         ctx.run(git + ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                        "--", url, ctx.sha], env=env)
-    if ctx.record.get("trigger") == "push":
+    if ctx.record.get("trigger") in ("push", "poll"):
         choose_commit(ctx, url, env)
     ctx.run(git + ["checkout", "--quiet", "--force", "--detach", ctx.sha, "--"],
             env=env)
@@ -993,6 +993,11 @@ def deploy_compose(ctx, facts):
     if ctx.env != "production":
         check_preview_compose(ctx, find_compose_file(ctx.checkout))
         ctx.dlog.blank()
+    import swarm    # here: swarm builds on this module's steps
+    if swarm.engine_of(ctx.settings, ctx.global_settings) == "swarm":
+        return swarm.deploy_stack(ctx, facts)
+    if (ctx.store.environment(ctx.app, ctx.env) or {}).get("engine"):
+        ctx.store.update_environment(ctx.app, ctx.env, engine=None)
     old_sha, old_kind = ctx.previous()
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
@@ -1556,6 +1561,10 @@ def stop_runtimes(deployer, app, env, dlog, keep=None):
             remove_container(dlog, container_name(app, env, slot))
     if keep != "compose":
         compose_down(deployer, app, env, dlog)
+    if keep != "swarm" and shutil.which("docker"):
+        import swarm
+        if swarm.remove_stack(app, env, dlog):
+            dlog.line("removed the stack %s" % swarm.stack_name(app, env), force=True)
 
 
 def prune_releases(ctx):
@@ -1783,6 +1792,9 @@ class Runner:
         self._ready = collections.deque()
         self._threads = []
         self._stopping = False
+        # Held while one caller checks a lane for a sha and queues it, so
+        # that a webhook and the poller seeing the same push queue it once.
+        self._claim = threading.Lock()
 
     def start(self):
         for n in range(self.workers):
@@ -1807,6 +1819,34 @@ class Runner:
         if replaced:
             self.deployer.supersede(older, job)
         return job
+
+    def submit_new(self, app, env, sha, make_job):
+        """Queue make_job() unless sha is live, running or waiting in app/env.
+
+        Returns the job queued, or None (make_job is not called) when the sha
+        is there already.  Thread-safe.
+        """
+        with self._claim:
+            if self.holds_sha(app, env, sha):
+                return None
+            return self.submit(make_job())
+
+    def holds_sha(self, app, env, sha):
+        """Tell whether sha is live, running or waiting in the lane of app/env."""
+        with self._cond:
+            jobs = [self._waiting.get((app, env)), self._running.get((app, env))]
+        if any(j and j.get("action") == "deploy" and j.get("sha") == sha
+               for j in jobs):
+            return True
+        summary = self.deployer.store.environment(app, env) or {}
+        if summary.get("status") == "live" and summary.get("sha") == sha:
+            return True
+        # A deploy started by ref learns its sha only once it runs.
+        for deploy_id in (summary.get("running"), summary.get("queued")):
+            record = self.deployer.store.deploy(deploy_id) if deploy_id else None
+            if record and record["status"] in store.ACTIVE and record["sha"] == sha:
+                return True
+        return False
 
     def busy(self):
         """Return the number of jobs running or waiting."""
