@@ -101,7 +101,8 @@ SETTINGS = (
     ("DOCKRUNE_COACH_ARTIE_CHANNEL", "", _text, "Coach Artie channel id"),
     ("DOCKRUNE_DISCORD_WEBHOOK_URL", "", _url, "a Discord webhook"),
     ("DOCKRUNE_N8N_WEBHOOK_URL", "", _url, "an n8n Webhook node URL"),
-    ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
+    ("DOCKRUNE_WORKERS", "2", _whole,
+     "deploys that may run at once; 0 queues deploys and runs none (paused)"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
@@ -174,7 +175,9 @@ class Daemon:
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
         self.deployer = runners.Deployer(self.store, settings)
-        self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
+        # Zero workers is a pause: deliveries are still verified, recorded and
+        # queued, and the newest waiting deploy runs once workers are back.
+        self.runner = runners.Runner(self.deployer, workers=settings.workers)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
@@ -210,6 +213,8 @@ def serve(settings):
                                                                  "dockrune.env"))
     daemon = Daemon(settings)
     daemon.start()
+    if not settings.workers:
+        log.warning("DOCKRUNE_WORKERS=0: deploys are queued but none runs")
     host, port = settings.listen
     server = waitress.create_server(
         daemon.app, host=host, port=port, threads=8, ident="dockrune",
