@@ -238,6 +238,21 @@ def write_app(home, name, repo, **keys):
         f.write("\n".join(lines) + "\n")
 
 
+def store_records(home, app):
+    """Return the app's deploy records, oldest first, read from its state files."""
+    state = os.path.join(home, "state")
+    with open(os.path.join(state, "history", app + ".json")) as f:
+        ids = json.load(f)
+    records = []
+    for deploy_id in ids:
+        try:
+            with open(os.path.join(state, "deploys", deploy_id + ".json")) as f:
+                records.append(json.load(f))
+        except FileNotFoundError:
+            pass
+    return records
+
+
 # -- adnanh/webhook ------------------------------------------------------------------
 
 
@@ -371,8 +386,10 @@ def compose_app(marker):
         "Dockerfile": "FROM %s\nCOPY site /www\n"
                       'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]\n' % BASE_IMAGE,
         "site/index.html": marker + "\n",
-        "compose.yaml": ("services:\n  web:\n    build: .\n    ports:\n"
-                         "      - \"127.0.0.1:${PORT}:8080\"\n"),
+        # init: httpd as process 1 ignores SIGTERM, and every replacement
+        # would wait out docker's 10 s stop timeout.
+        "compose.yaml": ("services:\n  web:\n    build: .\n    init: true\n"
+                         "    ports:\n      - \"127.0.0.1:${PORT}:8080\"\n"),
     }
 
 
