@@ -4,7 +4,7 @@
 GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
 docker compose, checks that it answers, and keeps a log of every deploy.
 
-    dockrune serve                  run the daemon (webhook, API, workers)
+    dockrune serve                  run the daemon (webhook, admin, API, health)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
@@ -30,6 +30,8 @@ import urllib.error
 import urllib.request
 
 import handlers
+import health
+import proxy
 import runners
 import store
 
@@ -74,6 +76,13 @@ def _owners(value):
     return frozenset(o.strip().lower() for o in value.replace(",", " ").split())
 
 
+def _switch(value):
+    value = value.strip().lower()
+    if value not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+        raise ValueError("expected on or off")
+    return value in ("on", "true", "yes", "1")
+
+
 def _url(value):
     value = value.strip()
     if value and not value.startswith(("http://", "https://")):
@@ -108,6 +117,18 @@ SETTINGS = (
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    ("DOCKRUNE_DOMAIN", "", _text, "dockrune's own domain, routed through Caddy"),
+    ("DOCKRUNE_CADDY_CONFIG", "", _text,
+     "the Caddyfile that imports dockrune's routes; set it to manage routes"),
+    ("DOCKRUNE_CADDY_FILE", "", _text,
+     "where dockrune writes its routes (default: $DOCKRUNE_HOME/caddy/dockrune.caddy)"),
+    ("DOCKRUNE_CADDY_ADMIN", "", _text, "Caddy's admin address, if not the default"),
+    ("DOCKRUNE_CADDY_SITE", "{domain}", _text,
+     "site address of each route; {domain} is replaced"),
+    ("DOCKRUNE_RESUME", "on", _switch,
+     "deploy again, at start, what a crash interrupted"),
+    ("DOCKRUNE_HEALTH_INTERVAL", "30", _whole,
+     "seconds between uptime checks of live apps (0: no checks)"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
                "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
@@ -155,13 +176,30 @@ def load_settings(environ=None):
     return Settings(values)
 
 
-def setup_logging(level="info"):
+class RedactingFormatter(logging.Formatter):
+    """A formatter that replaces every secret with '***', tracebacks included."""
+
+    def __init__(self, fmt, secrets=()):
+        super().__init__(fmt)
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def format(self, record):
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def setup_logging(level="info", secrets=()):
     """Log to stderr; under systemd, leave the time stamps to journald."""
     fmt = "%(levelname)s %(name)s [%(threadName)s] %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(stream=sys.stderr, format=fmt,
-                        level=getattr(logging, level.upper(), logging.INFO))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(fmt, secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 # -- wiring ------------------------------------------------------------------------
@@ -174,23 +212,61 @@ class Daemon:
         self.settings = settings
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
-        self.deployer = runners.Deployer(self.store, settings)
+        self.proxy = proxy.Proxy(self.store, settings)
+        self.deployer = runners.Deployer(self.store, settings, proxy=self.proxy)
         # Zero workers is a pause: deliveries are still verified, recorded and
         # queued, and the newest waiting deploy runs once workers are back.
         self.runner = runners.Runner(self.deployer, workers=settings.workers)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
+        # Whoever wants app-down and app-up events (the alerts outbox) appends
+        # a callable listener(event, info) here.
+        self.listeners = []
+        self.health = health.HealthChecker(self.store, settings.health_interval,
+                                           notify=self.notify,
+                                           busy=self.runner.lane_busy)
+
+    def notify(self, event, info):
+        """Hand an event to every listener; one that fails does not stop the rest."""
+        log.info("event %s for %s/%s", event, info.get("app"), info.get("environment"))
+        for listener in list(self.listeners):
+            try:
+                listener(event, info)
+            except Exception:
+                log.exception("listener for %s failed", event)
 
     def start(self):
-        """Recover from an unclean stop, then start the workers."""
-        requeue = self.store.recover()
+        """Recover from an unclean stop, then start the workers.
+
+        Deploys that were waiting are queued again; deploys that a crash cut
+        short are deployed afresh (trigger "resume") unless DOCKRUNE_RESUME=off.
+        """
+        queued, interrupted = self.store.recover()
+        self.deployer.sync_routes({"app": "-", "id": "start-up"})
+        for old in interrupted:
+            killed = runners.kill_leftovers(old["id"])
+            if killed:
+                log.warning("killed %d processes left by interrupted deploy %s",
+                            killed, old["id"])
         self.runner.start()
-        for record in requeue:
+        for record in queued:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
             self.runner.submit(record)
+        for old in interrupted if self.settings.resume else ():
+            summary = self.store.environment(old["app"], old["environment"]) or {}
+            if summary.get("queued"):
+                continue    # a newer deploy already waits in that lane
+            record = self.deployer.new_deploy(
+                old["app"], old["environment"], old["sha"], old["ref"], "resume",
+                resumes=old["id"], forced=True)
+            log.info("deploy %s of %s resumes interrupted deploy %s", record["id"],
+                     record["app"], old["id"])
+            self.runner.submit(record)
+        self.health.start()
 
     def stop(self, timeout=10.0):
+        self.health.stop(timeout=min(timeout, 5.0))
         return self.runner.shutdown(timeout)
 
 
@@ -216,10 +292,14 @@ def serve(settings):
     if not settings.workers:
         log.warning("DOCKRUNE_WORKERS=0: deploys are queued but none runs")
     host, port = settings.listen
+    # waitress reads requests in its event loop and hands only complete ones
+    # to its threads, so slow clients cost a socket, not a thread; the limit
+    # on connections is raised so that a few hundred of them cannot lock
+    # GitHub out, and idle ones are closed after channel_timeout seconds.
     server = waitress.create_server(
         daemon.app, host=host, port=port, threads=8, ident="dockrune",
         max_request_body_size=handlers.MAX_BODY, channel_timeout=30,
-        clear_untrusted_proxy_headers=True)
+        connection_limit=1000, clear_untrusted_proxy_headers=True)
     store.write_json(daemon_file(settings), {
         "pid": os.getpid(), "listen": "%s:%d" % (host, port),
         "token": daemon.control_token}, mode=0o600)
@@ -488,7 +568,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.secrets())
         if args.command == "serve":
             return serve(settings)
         return COMMANDS[args.command](settings, args)

@@ -15,13 +15,15 @@
 #                none answers; git, busybox, caddy, chromium; a virtualenv in
 #                .venv with waitress and pytest), then run the whole suite.
 #   --dry-run    print every command that would change the machine; run none.
+#   --print-unit print the systemd unit that --systemd would write.
 #
 # Safe to run twice: nothing that exists is overwritten (dockrune.env and its
 # secret are kept), packages already installed are skipped.
 #
 # Environment: DOCKRUNE_HOME (where dockrune keeps its state), PREFIX (where the
 # app and its virtualenv go: ~/.local/share/dockrune, or /opt/dockrune with
-# --systemd).
+# --systemd), BINDIR (where the `dockrune` command goes: /usr/local/bin for
+# root, else ~/.local/bin).
 set -euo pipefail
 
 RUNTIME_PACKAGES="git python3 python3-venv docker.io docker-compose ca-certificates"
@@ -143,17 +145,73 @@ EOF
     return 0
 }
 
+default_bindir() {
+    if [ -n "${BINDIR:-}" ]; then
+        echo "$BINDIR"
+    elif is_root; then
+        echo /usr/local/bin
+    else
+        echo "$HOME/.local/bin"
+    fi
+}
+
 install_user() {
     local home=${DOCKRUNE_HOME:-$HOME/.dockrune}
     local prefix=${PREFIX:-$HOME/.local/share/dockrune}
-    local bindir=$HOME/.local/bin
-    is_root && bindir=/usr/local/bin
+    local bindir
+    bindir=$(default_bindir)
     install_packages $RUNTIME_PACKAGES
     is_root && start_docker
     install_app "$prefix" "$bindir"
     make_home "$home"
     say "done: $bindir/dockrune serve (home $home)"
     case ":$PATH:" in *":$bindir:"*) ;; *) warn "$bindir is not on your PATH";; esac
+}
+
+# The unit: dockrune with the docker group and nothing more.  The docker group
+# is root-equivalent, so the rest of the system is made read-only around it.
+# KillMode=process: a restart of dockrune leaves the apps it started running.
+# No MemoryDenyWriteExecute: node's JIT needs writable executable memory.
+print_unit() {
+    local prefix=$1 home=$2
+    cat <<EOF
+[Unit]
+Description=dockrune push-to-deploy daemon
+After=network-online.target docker.service
+Wants=network-online.target docker.service
+
+[Service]
+Type=simple
+User=dockrune
+Group=dockrune
+SupplementaryGroups=docker
+Environment=DOCKRUNE_HOME=$home
+ExecStart=$prefix/venv/bin/python $prefix/app/dockrune.py serve
+Restart=on-failure
+RestartSec=2
+KillMode=process
+TimeoutStopSec=30
+UMask=0027
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=$home
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+LockPersonality=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
 }
 
 install_systemd() {
@@ -167,25 +225,7 @@ install_systemd() {
     install_app "$prefix" /usr/local/bin
     make_home "$home" dockrune
     say "writing /etc/systemd/system/dockrune.service"
-    [ "$DRY_RUN" = 1 ] || cat >/etc/systemd/system/dockrune.service <<EOF
-[Unit]
-Description=dockrune push-to-deploy daemon
-After=network-online.target docker.service
-Wants=network-online.target docker.service
-
-[Service]
-User=dockrune
-Group=dockrune
-Environment=DOCKRUNE_HOME=$home
-ExecStart=$prefix/venv/bin/python $prefix/app/dockrune.py serve
-Restart=on-failure
-RestartSec=2
-KillMode=mixed
-TimeoutStopSec=30
-
-[Install]
-WantedBy=multi-user.target
-EOF
+    [ "$DRY_RUN" = 1 ] || print_unit "$prefix" "$home" >/etc/systemd/system/dockrune.service
     run systemctl daemon-reload
     run systemctl enable --now docker
     run systemctl enable --now dockrune
@@ -211,7 +251,9 @@ main() {
             --systemd) mode=systemd ;;
             --test) mode=test ;;
             --dry-run) DRY_RUN=1 ;;
-            -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            --print-unit) mode=unit ;;
+            -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' \
+                "${BASH_SOURCE[0]}"; exit 0 ;;
             *) err "unknown option $arg (see --help)" ;;
         esac
     done
@@ -219,13 +261,14 @@ main() {
         user) install_user ;;
         run)
             install_user
-            local bindir=$HOME/.local/bin
-            is_root && bindir=/usr/local/bin
+            local bindir
+            bindir=$(default_bindir)
             [ "$DRY_RUN" = 1 ] && { printf 'would run: %s serve\n' "$bindir/dockrune"; exit 0; }
             exec "$bindir/dockrune" serve
             ;;
         systemd) install_systemd ;;
         test) run_tests ;;
+        unit) print_unit "${PREFIX:-/opt/dockrune}" "${DOCKRUNE_HOME:-/var/lib/dockrune}" ;;
     esac
 }
 

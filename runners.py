@@ -45,6 +45,10 @@ class DeployError(Exception):
     """A deploy step failed; the message is the one-line reason users see."""
 
 
+class Outdated(DeployError):
+    """The commit is older than the one running: nothing to deploy."""
+
+
 # -- the deploy log -------------------------------------------------------------
 
 
@@ -63,6 +67,7 @@ class DeployLog:
         self.secrets = [s for s in secrets if s and len(s) >= 4]
         self.size = 0
         self.truncated = False
+        self.error = None
         self._lock = threading.Lock()
         self._file = open(path, "a", encoding="utf-8", errors="replace")
 
@@ -74,17 +79,25 @@ class DeployLog:
 
     def blank(self):
         with self._lock:
-            self._file.write("\n")
-            self._file.flush()
+            self._put("\n")
 
     def redact(self, text):
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
 
+    def check(self):
+        """Raise DeployError if the log could not be written (a full disk)."""
+        if self.error is not None:
+            raise DeployError("cannot write the deploy log %s: %s"
+                              % (self.path, self.error.strerror or self.error))
+
     def close(self):
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                self.error = self.error or e
 
     def _write(self, text, force=False):
         text = self.redact(_printable(text))
@@ -94,12 +107,22 @@ class DeployLog:
             if self.size + len(data) > self.max_bytes and not force:
                 if not self.truncated:
                     self.truncated = True
-                    self._file.write("%s ....... [log truncated: over %d bytes]\n"
-                                     % (stamp, self.max_bytes))
+                    self._put("%s ....... [log truncated: over %d bytes]\n"
+                              % (stamp, self.max_bytes))
                 return
             self.size += len(data)
+            self._put(data)
+
+    def _put(self, data):
+        # A full disk must fail the deploy, not the worker: remember the
+        # error and stop writing; the pipeline checks it after every step.
+        if self.error is not None:
+            return
+        try:
             self._file.write(data)
             self._file.flush()
+        except OSError as e:
+            self.error = e
 
 
 def _printable(text):
@@ -168,6 +191,29 @@ def kill_group(proc, grace=KILL_GRACE):
         return
 
 
+def kill_leftovers(deploy_id, proc_root="/proc"):
+    """Kill every process still marked with deploy_id; return how many.
+
+    Commands of a deploy carry DOCKRUNE_DEPLOY=<id> in their environment, and
+    so do their children: after a crash of dockrune itself, this finds them
+    by that mark rather than by a pid that may since belong to a stranger.
+    """
+    mark = ("DOCKRUNE_DEPLOY=%s" % deploy_id).encode()
+    killed = 0
+    for pid in os.listdir(proc_root):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(os.path.join(proc_root, pid, "environ"), "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 _compose_lock = threading.Lock()
 _compose_argv = None
 
@@ -211,10 +257,11 @@ class Deployer:
     not block, and an exception it raises is logged and ignored.
     """
 
-    def __init__(self, store_, settings, notify=None):
+    def __init__(self, store_, settings, notify=None, proxy=None):
         self.store = store_
         self.settings = settings
         self.notify_hook = notify
+        self.proxy = proxy
 
     def notify(self, event, record):
         if self.notify_hook is None:
@@ -235,9 +282,14 @@ class Deployer:
                 extra["repo"] = None
         record = self.store.new_deploy(app, env, sha, ref, trigger, action="deploy",
                                        **extra)
-        self.store.update_environment(app, env, queued=record["id"])
         self.notify("queued", record)
         return record
+
+    def enqueued(self, job):
+        """Remember which job waits in its lane (called under the Runner's lock)."""
+        self.store.update_environment(
+            job["app"], job["environment"],
+            queued=job["id"] if job.get("action") == "deploy" else None)
 
     def supersede(self, record, newer):
         record = self.store.update_deploy(
@@ -260,8 +312,9 @@ class Deployer:
         """Run one deploy to its end; return the final record.  Never raises."""
         app, env, deploy_id = record["app"], record["environment"], record["id"]
         started = time.monotonic()
+        carried = {"candidates": record["candidates"]} if record.get("candidates") else {}
         record = self.store.update_deploy(deploy_id, status="running",
-                                          started_at=store.utcnow())
+                                          started_at=store.utcnow(), **carried)
         self.store.update_environment(app, env, running=deploy_id, queued=None,
                                       status="deploying")
         self.notify("started", record)
@@ -272,7 +325,11 @@ class Deployer:
         facts = {}
         try:
             self._deploy_steps(record, dlog, facts)
+            dlog.check()
             status, error = "live", None
+        except Outdated as e:
+            status, error = "superseded", str(e)
+            dlog.step("nothing to do: %s" % e)
         except DeployError as e:
             status, error = "failed", str(e)
             dlog.step("deploy failed: %s" % e)
@@ -294,14 +351,20 @@ class Deployer:
         if status == "live":
             fields.update(status="live", sha=record["sha"], ref=record["ref"],
                           deployed_at=record["finished_at"], live_deploy=deploy_id)
+        elif status == "superseded":
+            summary = self.store.environment(app, env) or {}
+            fields = {"running": None, "status": "live" if summary.get(
+                "live_deploy") else summary.get("status", "stopped")}
         else:
             fields.update(status="failing")
             if facts.get("started"):
                 fields.update(sha=record["sha"], deployed_at=record["finished_at"])
         self.store.update_environment(app, env, **fields)
+        self.sync_routes(record)
         log.info("deploy %s of %s/%s %s in %.1fs%s", deploy_id, app, env, status,
                  seconds, ": " + error if error else "")
-        self.notify("live" if status == "live" else "failed", record)
+        self.notify({"live": "live", "superseded": "superseded"}.get(status, "failed"),
+                    record)
         return record
 
     def _deploy_steps(self, record, dlog, facts):
@@ -341,6 +404,21 @@ class Deployer:
             raise DeployError("no app file %s" % self.store.app_path(app))
         return DeployContext(self, record, settings, dlog)
 
+    def sync_routes(self, record, overrides=None):
+        """Bring the proxy's routes in line with the state; never raises.
+
+        Returns False when the proxy refused the routes (the old ones stay).
+        """
+        if self.proxy is None:
+            return True
+        try:
+            self.proxy.sync(overrides)
+            return True
+        except Exception as e:
+            log.error("routes not updated after %s of %s: %s", record.get("id", "stop"),
+                      record.get("app"), e)
+            return False
+
     def run_stop(self, app, env):
         """Stop app/env: compose down, and remember it as stopped."""
         dlog = DeployLog(os.path.join(self.store.logs_dir, app, "stop.log"),
@@ -350,6 +428,7 @@ class Deployer:
             compose_down(self, app, env, dlog)
             summary = self.store.update_environment(app, env, status="stopped",
                                                     running=None)
+            self.sync_routes(summary)
             log.info("stopped %s/%s", app, env)
             self.notify("stopped", summary)
         except DeployError as e:
@@ -396,7 +475,10 @@ class DeployContext:
         return left
 
     def run(self, argv, cwd=None, env=None, timeout=None):
+        self.dlog.check()
         limit = self.remaining() if timeout is None else min(timeout, self.remaining())
+        # The mark lets a restarted dockrune find what a crash left running.
+        env = dict(os.environ if env is None else env, DOCKRUNE_DEPLOY=self.record["id"])
         return run_command(argv, self.dlog, limit, cwd=cwd, env=env)
 
     def app_environment(self):
@@ -474,6 +556,8 @@ def fetch_source(ctx):
     else:
         ctx.run(git + ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                        "--", url, ctx.sha], env=env)
+    if ctx.record.get("trigger") == "push":
+        choose_commit(ctx, url, env)
     ctx.run(git + ["checkout", "--quiet", "--force", "--detach", ctx.sha, "--"],
             env=env)
     ctx.run(git + ["clean", "-ffdq"], env=env)
@@ -498,6 +582,51 @@ def resolve_ref(ctx, url, env):
     ctx.sha = sha
     ctx.record = ctx.store.update_deploy(ctx.record["id"], sha=sha)
     ctx.dlog.line("%s is %s" % (ref, sha), force=True)
+
+
+def choose_commit(ctx, url, env):
+    """Deploy the newest of the pushed commits; refuse one older than the live one.
+
+    GitHub may deliver pushes out of order.  The lane keeps only the newest
+    delivery, with the shas it replaced as candidates: when one of those
+    descends from the delivered sha, it is the newer commit and is deployed
+    instead.  A commit that is an ancestor of the one running now is not
+    deployed at all, unless the push was forced (a deliberate rollback).
+    """
+    for sha in ctx.record.get("candidates") or ():
+        if sha == ctx.sha or not _is_sha(sha):
+            continue
+        try:
+            ctx.run(["git", "-C", ctx.checkout, "fetch", "--quiet", "--no-tags",
+                     "--no-write-fetch-head", "--", url, sha], env=env, timeout=300)
+        except DeployError:
+            ctx.dlog.line("%s is gone from the remote; skipped" % sha, force=True)
+            continue
+        if is_ancestor(ctx.checkout, ctx.sha, sha, env):
+            ctx.dlog.line("%s descends from %s: deploying it instead" % (sha, ctx.sha),
+                          force=True)
+            ctx.sha = sha
+            ctx.record = ctx.store.update_deploy(ctx.record["id"], sha=sha)
+    live = (ctx.store.environment(ctx.app, ctx.env) or {}).get("sha")
+    if (live and live != ctx.sha and not ctx.record.get("forced")
+            and is_ancestor(ctx.checkout, ctx.sha, live, env)):
+        raise Outdated("%s is older than %s, which is running"
+                       % (ctx.sha[:12], live[:12]))
+
+
+def is_ancestor(checkout, older, newer, env):
+    """Tell whether commit older is an ancestor of commit newer."""
+    argv = ["git", "-C", checkout, "merge-base", "--is-ancestor", older, newer]
+    try:
+        return subprocess.run(argv, env=env, capture_output=True, timeout=60,
+                              stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _is_sha(value):
+    return isinstance(value, str) and len(value) == 40 and all(
+        c in "0123456789abcdef" for c in value)
 
 
 def commit_facts(ctx, env):
@@ -563,8 +692,28 @@ def _has_nitro_dependency(checkout):
     return "nuxt" in deps or "nitropack" in deps
 
 
+def check_docker(ctx):
+    """Fail fast, touching nothing, when the Docker engine does not answer."""
+    try:
+        run_command(["docker", "info", "--format", "{{.ServerVersion}}"],
+                    _QuietLog(), timeout=min(20, ctx.remaining()))
+    except (DeployError, OSError) as e:
+        raise DeployError("Docker engine not reachable: %s" % e) from None
+
+
+class _QuietLog:
+    """A DeployLog stand-in that keeps nothing, for probes."""
+
+    def redact(self, text):
+        return text
+
+    def line(self, text, force=False):
+        pass
+
+
 def compose_up(ctx, compose_file):
     """Build and (re)start the app's compose project."""
+    check_docker(ctx)
     ctx.dlog.step("building and starting %s (docker compose, %s)"
                   % (ctx.project, compose_file))
     argv = compose_command() + ["-f", compose_file, "-p", ctx.project, "up", "-d",
@@ -665,11 +814,15 @@ class Runner:
         lane = (job["app"], job["environment"])
         with self._cond:
             older = self._waiting.get(lane)
+            replaced = older is not None and older.get("action") == "deploy"
+            if replaced and job.get("action") == "deploy" and older.get("sha"):
+                job["candidates"] = list(older.get("candidates") or ()) + [older["sha"]]
             self._waiting[lane] = job
+            self.deployer.enqueued(job)
             if older is None and lane not in self._running:
                 self._ready.append(lane)
                 self._cond.notify()
-        if older is not None and older.get("action") == "deploy":
+        if replaced:
             self.deployer.supersede(older, job)
         return job
 
@@ -677,6 +830,11 @@ class Runner:
         """Return the number of jobs running or waiting."""
         with self._cond:
             return len(self._running) + len(self._waiting)
+
+    def lane_busy(self, app, env):
+        """Tell whether a job for app/env is running or waiting right now."""
+        with self._cond:
+            return (app, env) in self._running or (app, env) in self._waiting
 
     def wait_idle(self, timeout):
         """Wait until no job runs or waits; return False on timeout."""

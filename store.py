@@ -289,8 +289,15 @@ class Store:
         self.run_dir = os.path.join(self.home, "run")
         self.keep_deploys = keep_deploys
         self.remember_deliveries = remember_deliveries
-        self.lock = threading.RLock()
+        # One lock per kind of file, so that a webhook's writes to the
+        # deliveries, a deploy record and apps.json need not wait for each
+        # other (each write is fsynced: waiting adds up under a burst).
+        self.lock = threading.RLock()           # apps.json, ports.json, recovery
+        self._records_lock = threading.RLock()  # state/deploys/*
+        self._history_lock = threading.Lock()   # state/history/*
+        self._deliveries_lock = threading.Lock()
         self._deliveries = None
+        self._app_cache = {}
 
     def ensure_dirs(self):
         for path in (self.home, self.apps_dir, self.state_dir, self.logs_dir,
@@ -322,16 +329,39 @@ class Store:
         Raises EnvFileError when the file is malformed.
         """
         path = self.app_path(app)
-        if not os.path.exists(path):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
             return None
-        return read_env_file(path)
+        # Parsing is what costs when every page lists every app: keep each
+        # file's settings until the file changes.
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self.lock:
+            cached = self._app_cache.get(path)
+        if cached and cached[0] == stamp:
+            return dict(cached[1])
+        settings = read_env_file(path)
+        with self.lock:
+            self._app_cache[path] = (stamp, dict(settings))
+        return settings
 
     def load_apps(self):
-        """Return {name: settings} for every readable app; log the others."""
+        """Return {name: settings} for every readable app; log the others.
+
+        Files are parsed again only when their size or mtime changed, so the
+        webhook handler can afford to look through every app on each push.
+        """
         apps = {}
         for name in self.app_names():
+            path = self.app_path(name)
             try:
-                apps[name] = self.load_app(name)
+                st = os.stat(path)
+                key = (st.st_mtime_ns, st.st_size, st.st_ino)
+                cached = self._app_cache.get(name)
+                if cached is None or cached[0] != key:
+                    cached = (key, read_env_file(path))
+                    self._app_cache[name] = cached
+                apps[name] = dict(cached[1])
             except (EnvFileError, OSError) as e:
                 log.error("app %s skipped: %s", name, e)
         return apps
@@ -389,18 +419,14 @@ class Store:
 
     # -- webhook deliveries --
 
-    def seen_delivery(self, delivery, peek=False):
-        """Tell whether delivery was seen before; remember it unless peek.
+    def claim_delivery(self, delivery):
+        """Remember delivery; return False when it had been claimed before.
 
         Only the newest remember_deliveries ids are kept, across restarts.
         """
-        with self.lock:
-            if self._deliveries is None:
-                self._deliveries = read_json(self._state("deliveries.json"), [])
-                self._delivery_set = set(self._deliveries)
+        with self._deliveries_lock:
+            self._load_deliveries()
             if delivery in self._delivery_set:
-                return True
-            if peek:
                 return False
             self._deliveries.append(delivery)
             self._delivery_set.add(delivery)
@@ -408,7 +434,21 @@ class Store:
                 self._delivery_set.discard(old)
             del self._deliveries[:-self.remember_deliveries]
             write_json(self._state("deliveries.json"), self._deliveries)
-            return False
+            return True
+
+    def release_delivery(self, delivery):
+        """Forget a claimed delivery that could not be acted on."""
+        with self._deliveries_lock:
+            self._load_deliveries()
+            if delivery in self._delivery_set:
+                self._delivery_set.discard(delivery)
+                self._deliveries.remove(delivery)
+                write_json(self._state("deliveries.json"), self._deliveries)
+
+    def _load_deliveries(self):
+        if self._deliveries is None:
+            self._deliveries = read_json(self._state("deliveries.json"), [])
+            self._delivery_set = set(self._deliveries)
 
     # -- environments (state/apps.json) --
 
@@ -432,16 +472,37 @@ class Store:
             write_json(self._state("apps.json"), envs)
             return dict(summary)
 
-    def statuses(self):
+    def update_environment_if(self, app, env, expect, **fields):
+        """Merge fields into app/env only while its summary still matches expect.
+
+        expect is {key: value}; return the new summary, or None (nothing
+        written) when the environment is gone or any expected value differs.
+        This lets a slow reader (the health checker) act on what it saw
+        without undoing a deploy or a stop that happened in the meantime.
+        """
+        with self.lock:
+            envs = read_json(self._state("apps.json"), {})
+            summary = envs.get("%s/%s" % (app, env))
+            if summary is None or any(summary.get(k) != v for k, v in expect.items()):
+                return None
+            summary.update(fields)
+            write_json(self._state("apps.json"), envs)
+            return dict(summary)
+
+    def statuses(self, envs=None):
         """Return one summary per app environment, as status --json shows it.
 
         Every app with a file has at least its production environment, even
-        before its first deploy.
+        before its first deploy.  envs is what environments() returned, for a
+        caller that has read it already.
         """
-        envs = self.environments()
+        envs = self.environments() if envs is None else envs
+        by_app = {}
+        for key in envs:
+            by_app.setdefault(key.split("/", 1)[0], []).append(key)
         result = []
         for app, settings in self.load_apps().items():
-            keys = sorted(k for k in envs if k.split("/", 1)[0] == app)
+            keys = sorted(by_app.get(app, ()))
             if "%s/production" % app not in keys:
                 keys.insert(0, "%s/production" % app)
             for key in keys:
@@ -464,12 +525,55 @@ class Store:
                 })
         return result
 
+    def remove_environment(self, app, env):
+        """Forget app/env entirely (a preview torn down)."""
+        with self.lock:
+            envs = read_json(self._state("apps.json"), {})
+            if envs.pop("%s/%s" % (app, env), None) is not None:
+                write_json(self._state("apps.json"), envs)
+
+    # -- approvals of pull requests from forks --
+
+    def approvals(self):
+        """Return {"<app>/<environment>": request} for every preview on hold."""
+        with self.lock:
+            return read_json(self._state("approvals.json"), {})
+
+    def request_approval(self, request):
+        """Hold request (app, environment, sha, ...) until an operator approves it.
+
+        A newer request for the same environment replaces the older one: each
+        new commit needs its own approval.
+        """
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            held["%s/%s" % (request["app"], request["environment"])] = dict(
+                request, requested_at=utcnow())
+            write_json(self._state("approvals.json"), held)
+
+    def take_approval(self, app, env, sha):
+        """Remove and return the held request of app/env if it is for sha, else None."""
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            request = held.get("%s/%s" % (app, env))
+            if request is None or request.get("sha") != sha:
+                return None
+            del held["%s/%s" % (app, env)]
+            write_json(self._state("approvals.json"), held)
+            return request
+
+    def drop_approval(self, app, env):
+        with self.lock:
+            held = read_json(self._state("approvals.json"), {})
+            if held.pop("%s/%s" % (app, env), None) is not None:
+                write_json(self._state("approvals.json"), held)
+
     # -- deploy records --
 
     def new_deploy(self, app, env, sha, ref, trigger, **extra):
         """Create and return a queued deploy record for app/env."""
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        with self.lock:
+        with self._records_lock:
             while True:
                 deploy_id = "%s-%s-%s" % (stamp, app, secrets.token_hex(2))
                 if not os.path.exists(self._state("deploys", deploy_id + ".json")):
@@ -480,8 +584,9 @@ class Store:
                           error=None, log=os.path.join(self.logs_dir, app,
                                                        deploy_id + ".log"))
             write_json(self._state("deploys", deploy_id + ".json"), record)
+        with self._history_lock:
             self._append_history(app, deploy_id)
-            return record
+        return record
 
     def deploy(self, deploy_id):
         """Return the deploy record with that id, or None."""
@@ -491,7 +596,7 @@ class Store:
 
     def update_deploy(self, deploy_id, **fields):
         """Merge fields into the deploy record and return the new record."""
-        with self.lock:
+        with self._records_lock:
             record = self.deploy(deploy_id)
             if record is None:
                 raise StoreError("no deploy %r" % deploy_id)
@@ -519,27 +624,41 @@ class Store:
         _unlink_quietly(self._state("deploys", deploy_id + ".json"))
         _unlink_quietly(os.path.join(self.logs_dir, app, deploy_id + ".log"))
 
+    # -- health samples (state/health.json) --
+
+    def health_samples(self):
+        """Return {"<app>/<environment>": samples} as the health checker left it."""
+        return read_json(self._state("health.json"), {})
+
+    def write_health_samples(self, samples):
+        """Replace every environment's health samples (health checker only)."""
+        # Compact on purpose: the overview reads this file on every request.
+        text = json.dumps(samples, separators=(",", ":"), sort_keys=True) + "\n"
+        with self.lock:
+            write_text(self._state("health.json"), text)
+
     # -- start-up --
 
     def recover(self):
-        """Tidy state after an unclean stop; return the deploys to run again.
+        """Tidy state after an unclean stop.
 
         Temporary files from interrupted writes are removed.  Deploys that
-        were running are marked interrupted; deploys that were still queued
-        are returned so the caller can queue them again.
+        were running are marked interrupted.  Returns (queued, interrupted):
+        the records that were still waiting, to queue again as they are, and
+        the ones that were cut short, which the caller may deploy afresh.
         """
         with self.lock:
             removed = remove_temp_files(self.state_dir)
             if removed:
                 log.warning("removed %d temporary files left by a crash", removed)
-            requeue = []
+            requeue, interrupted = [], []
             for key, summary in self.environments().items():
                 app, env = key.split("/", 1)
                 running, queued = summary.get("running"), summary.get("queued")
                 if running and (self.deploy(running) or {}).get("status") in ACTIVE:
-                    self.update_deploy(running, status="interrupted",
-                                       finished_at=utcnow(),
-                                       error="dockrune stopped during the deploy")
+                    interrupted.append(self.update_deploy(
+                        running, status="interrupted", finished_at=utcnow(),
+                        error="dockrune stopped during the deploy"))
                     log.warning("deploy %s of %s/%s was interrupted", running, app, env)
                 record = self.deploy(queued) if queued else None
                 if record and record["status"] == "queued":
@@ -548,7 +667,7 @@ class Store:
                 if status == "deploying":
                     status = "live" if summary.get("live_deploy") else "failing"
                 self.update_environment(app, env, running=None, status=status)
-            return requeue
+            return requeue, interrupted
 
 
 def _port_is_free(port):

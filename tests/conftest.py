@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import dockrune  # noqa: E402
 import handlers  # noqa: E402
+import proxy  # noqa: E402
 import runners  # noqa: E402
 import store  # noqa: E402
 
@@ -70,8 +71,8 @@ def wsgi_call(app, method, path, body=b"", headers=None, query=""):
     from wsgiref.validate import validator
 
     environ = {
-        "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-        "SCRIPT_NAME": "",
+        "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path,
+        "QUERY_STRING": query,
         "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "9000",
         "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
@@ -331,3 +332,76 @@ def http_get(url, timeout=5):
         return e.code, e.read().decode()
     except OSError as e:
         return None, str(e)
+
+
+# -- caddy ---------------------------------------------------------------------------
+
+
+class Caddy:
+    """A real Caddy on high ports, plain HTTP, importing dockrune's routes."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.http_port = free_port()
+        self.admin = "127.0.0.1:%d" % free_port()
+        self.routes = os.path.join(self.root, "routes", "dockrune.caddy")
+        self.config = os.path.join(self.root, "Caddyfile")
+        os.makedirs(os.path.dirname(self.routes))
+        with open(self.routes, "w") as f:
+            f.write(proxy.render_routes([]))
+        with open(self.config, "w") as f:
+            f.write("{\n\tadmin %s\n\tauto_https off\n\thttp_port %d\n}\n\n"
+                    "http://operator.test:%d {\n\trespond \"operator's own\"\n}\n\n"
+                    "import %s/*.caddy\n"
+                    % (self.admin, self.http_port, self.http_port,
+                       os.path.dirname(self.routes)))
+        self.log = open(os.path.join(self.root, "caddy.log"), "wb")
+        env = dict(os.environ, HOME=self.root, XDG_DATA_HOME=self.root,
+                   XDG_CONFIG_HOME=self.root)
+        self.proc = subprocess.Popen(["caddy", "run", "--config", self.config,
+                                      "--adapter", "caddyfile"], env=env,
+                                     stdout=self.log, stderr=self.log,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.get("operator.test")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError("caddy did not start")
+
+    def settings(self):
+        """The dockrune settings that point at this Caddy."""
+        return {"DOCKRUNE_CADDY_CONFIG": self.config,
+                "DOCKRUNE_CADDY_FILE": self.routes,
+                "DOCKRUNE_CADDY_ADMIN": self.admin,
+                "DOCKRUNE_CADDY_SITE": "http://{domain}:%d" % self.http_port}
+
+    def get(self, host, path="/", timeout=5):
+        """GET path through Caddy for Host host; return (status, text)."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port,
+                                          timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"Host": host})
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8", "replace")
+        except OSError as e:
+            return None, str(e)
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def caddy(tmp_path):
+    need(shutil.which("caddy") is not None, "caddy is missing (apt-get install caddy)")
+    server = Caddy(tmp_path / "caddy")
+    yield server
+    server.stop()

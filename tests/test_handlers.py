@@ -202,12 +202,121 @@ def test_push_from_unknown_repository_is_ignored(h):
     assert h.store.app_names() == ["hello"]
 
 
-def test_unknown_event_and_pull_request_are_acknowledged(h):
+def test_unknown_event_is_acknowledged(h):
     status, answer = h.hook("issues", b"{}")
     assert (status, answer) == (200, {"ignored": "event issues"})
-    status, _ = h.hook("pull_request",
-                       json.dumps(payload("pull_request.opened.1")).encode())
+
+
+# -- pull requests and branch previews --
+
+PR_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
+
+
+def pr_body(name="pull_request.opened.1", fork=None, sha=None, action=None):
+    data = payload(name)
+    if fork:
+        data["pull_request"]["head"]["repo"]["full_name"] = fork
+    if sha:
+        data["pull_request"]["head"]["sha"] = sha
+    if action:
+        data["action"] = action
+    return json.dumps(data).encode()
+
+
+def test_pull_request_opened_queues_a_preview(h):
+    status, answer = h.hook("pull_request", pr_body())
+    assert status == 202
+    assert answer["environment"] == "pr-2" and answer["sha"] == PR_SHA
+    record = h.store.deploy(answer["deploy"])
+    assert (record["trigger"], record["pr"], record["ref"]) == (
+        "pull_request", 2, "changes")
+    assert record["title"] == "Update the README with new information."
+    assert list(h.waiting()) == [("hello", "pr-2")]
+
+
+def test_pull_request_synchronize_supersedes_the_waiting_preview(h):
+    first = h.hook("pull_request", pr_body())[1]
+    second = h.hook("pull_request", pr_body("pull_request.synchronize.1",
+                                            sha="5" * 40))[1]
+    assert h.store.deploy(first["deploy"])["status"] == "superseded"
+    assert h.waiting()[("hello", "pr-2")]["id"] == second["deploy"]
+
+
+def test_pull_request_from_a_fork_waits_for_approval_of_that_sha(h):
+    status, answer = h.hook("pull_request", pr_body(fork="stranger/Hello-World"))
+    assert status == 202 and answer["waiting"] == "approval"
+    assert h.waiting() == {}
+    held = h.store.approvals()["hello/pr-2"]
+    assert (held["sha"], held["fork"]) == (PR_SHA, "stranger/Hello-World")
+    h.hook("pull_request", pr_body("pull_request.synchronize.1",
+                                   fork="stranger/Hello-World", sha="6" * 40))
+    assert h.store.take_approval("hello", "pr-2", PR_SHA) is None
+    assert h.store.approvals()["hello/pr-2"]["sha"] == "6" * 40
+
+
+def test_pull_request_from_a_fork_deploys_when_forks_are_allowed(tmp_path):
+    h = Harness(tmp_path)
+    h.add_app("hello", "REPO=Codertocat/Hello-World\nPREVIEW_FORKS=on\n")
+    status, answer = h.hook("pull_request", pr_body(fork="stranger/Hello-World"))
+    assert status == 202 and "deploy" in answer
+
+
+def test_previews_off_ignores_pull_requests(tmp_path):
+    h = Harness(tmp_path)
+    h.add_app("hello", "REPO=Codertocat/Hello-World\nPREVIEWS=off\n")
+    status, answer = h.hook("pull_request", pr_body())
+    assert (status, answer) == (200, {"ignored": "previews are off for hello"})
+
+
+def test_pull_request_closed_tears_the_preview_down(h):
+    h.hook("pull_request", pr_body())
+    status, answer = h.hook("pull_request", pr_body("pull_request.closed.1"))
+    assert status == 202 and answer["teardown"] == "pr-2"
+    job = h.waiting()[("hello", "pr-2")]
+    assert job["action"] == "teardown" and "closed" in job["reason"]
+
+
+def test_pull_request_closed_without_a_preview_is_ignored(h):
+    status, answer = h.hook("pull_request", pr_body("pull_request.closed.1"))
+    assert (status, answer) == (200, {"ignored": "hello has no preview pr-2"})
+
+
+def test_pull_request_other_actions_are_ignored(h):
+    status, answer = h.hook("pull_request", pr_body(action="labeled"))
+    assert (status, answer) == (200, {"ignored": "pull_request labeled"})
+
+
+def test_pull_request_with_bad_number_is_400(h):
+    data = payload("pull_request.opened.1")
+    data["number"] = "2; rm -rf /"
+    status, _ = h.hook("pull_request", json.dumps(data).encode())
+    assert status == 400
+
+
+def test_branch_matching_preview_branches_gets_its_own_environment(tmp_path):
+    h = Harness(tmp_path)
+    h.add_app("hello", "REPO=Codertocat/Hello-World\nBRANCH=master\n"
+              "PREVIEW_BRANCHES='feature/* fix-*'\n")
+    status, answer = h.hook("push", push_body("Codertocat/Hello-World", SHA,
+                                              "feature/Login", "master"))
+    assert status == 202 and answer["environment"] == "branch-feature-login"
+    status, answer = h.hook("push", push_body("Codertocat/Hello-World", SHA,
+                                              "other", "master"))
     assert status == 200
+
+    data = payload("delete.noaction.1")
+    data.update(ref="feature/Login", ref_type="branch")
+    status, answer = h.hook("delete", json.dumps(data).encode())
+    assert status == 202 and answer["teardown"] == "branch-feature-login"
+
+
+def test_branch_environment_survives_hostile_names():
+    settings = {"PREVIEW_BRANCHES": "*"}
+    assert handlers.branch_environment(settings, "--upload-pack=x") == (
+        "branch-upload-pack-x")
+    assert handlers.branch_environment(settings, "$(id)") == "branch-id"
+    assert handlers.branch_environment(settings, "..") is None
+    assert handlers.branch_environment({}, "main") is None
 
 
 def test_repeated_delivery_is_acknowledged_once_and_deployed_once(h):
@@ -281,9 +390,12 @@ def api(h, method, path, token="ctl-token", body=b"", query=""):
     return status, data
 
 
-def test_api_without_or_with_wrong_token_is_401(h):
+def test_api_without_or_with_wrong_token_is_401(tmp_path):
+    h = Harness(tmp_path, DOCKRUNE_API_TOKEN="api-secret")
     assert api(h, "GET", "/api/apps", token=None)[0] == 401
     assert api(h, "GET", "/api/apps", token="wrong")[0] == 401
+    assert api(h, "GET", "/api/apps", token="api-secret")[0] == 200
+    assert api(h, "GET", "/api/apps", token="ctl-token")[0] == 200
 
 
 def test_api_without_any_token_configured_is_503(tmp_path):
@@ -336,3 +448,13 @@ def test_healthz_answers(h):
 
 def test_unknown_path_is_404(h):
     assert wsgi_call(h.app, "GET", "/nope")[0] == 404
+
+
+def test_delivery_that_fails_can_be_redelivered(h):
+    data = payload("push.noaction.5")
+    data["after"] = "not-a-sha"
+    status, _ = h.hook("push", json.dumps(data).encode(), delivery="retry-me")
+    assert status == 400
+    status, answer = h.hook("push", json.dumps(payload("push.noaction.5")).encode(),
+                            delivery="retry-me")
+    assert status == 202, answer

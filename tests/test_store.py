@@ -155,14 +155,32 @@ def st(tmp_path):
 
 
 def test_deliveries_are_remembered_across_restarts_in_bounded_space(st, tmp_path):
-    assert st.seen_delivery("d1") is False
-    assert st.seen_delivery("d1") is True
+    assert st.claim_delivery("d1") is True
+    assert st.claim_delivery("d1") is False
     again = store.Store(str(tmp_path), remember_deliveries=3)
-    assert again.seen_delivery("d1") is True
+    assert again.claim_delivery("d1") is False
     for n in range(2, 6):
-        again.seen_delivery("d%d" % n)
+        again.claim_delivery("d%d" % n)
     assert len(store.read_json(str(tmp_path / "state" / "deliveries.json"))) == 3
-    assert again.seen_delivery("d1", peek=True) is False
+    assert again.claim_delivery("d1") is True
+
+
+def test_released_delivery_can_be_claimed_again(st):
+    assert st.claim_delivery("d1") is True
+    st.release_delivery("d1")
+    assert st.claim_delivery("d1") is True
+
+
+def test_load_apps_sees_edits_to_app_files(st):
+    path = st.app_path("blog")
+    with open(path, "w") as f:
+        f.write("PORT=1\n")
+    assert st.load_apps()["blog"]["PORT"] == "1"
+    with open(path, "w") as f:
+        f.write("PORT=22\n")
+    assert st.load_apps()["blog"]["PORT"] == "22"
+    st.load_apps()["blog"]["PORT"] = "mutated"
+    assert st.load_apps()["blog"]["PORT"] == "22"
 
 
 def test_new_deploy_record_holds_the_documented_fields(st):
@@ -240,9 +258,10 @@ def test_recover_marks_running_interrupted_and_returns_queued(st):
     with open(os.path.join(st.state_dir, ".tmp-leftover"), "w") as f:
         f.write("{")
 
-    requeue = st.recover()
+    requeue, interrupted = st.recover()
 
     assert [r["id"] for r in requeue] == [queued["id"]]
+    assert [r["id"] for r in interrupted] == [running["id"]]
     assert st.deploy(running["id"])["status"] == "interrupted"
     assert st.environment("a", "production")["status"] == "live"
     assert st.environment("a", "production")["running"] is None
