@@ -88,7 +88,8 @@ def main(argv=None):
     runs = 1 if args.quick else max(1, args.runs)
     say("dockrune benchmarks, %s" % datetime.datetime.now(
         datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    say("command: %s" % shlex.join(["python3", "bench/run.py"] + (argv or sys.argv[1:])))
+    given = sys.argv[1:] if argv is None else argv
+    say("command: %s" % shlex.join(["python3", "bench/run.py"] + given))
     say("machine: %s" % machine())
     say()
     jobs = {
