@@ -7,6 +7,7 @@ directories, and cleans up after itself.
 
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import re
@@ -150,7 +151,7 @@ def push_body(repo, sha, branch="main", message="bench"):
 
 
 def post_push(url, body, delivery=None, timeout=10):
-    """POST one signed push delivery; return the HTTP status."""
+    """POST one signed push delivery; return the HTTP status (None: no answer)."""
     request = urllib.request.Request(url, data=body, headers={
         "Content-Type": "application/json", "X-GitHub-Event": "push",
         "X-GitHub-Delivery": delivery or os.urandom(16).hex(),
@@ -161,6 +162,8 @@ def post_push(url, body, delivery=None, timeout=10):
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
+    except (http.client.HTTPException, OSError):
+        return None     # no whole answer: counted by the caller
 
 
 def get_text(url, timeout=2):

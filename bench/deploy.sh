@@ -43,8 +43,8 @@ main() {
     git -C "$checkout" checkout --quiet --force --detach "$sha" --
     cd "$checkout"
     compose_argv
-    PORT=$port timeout 600 "${COMPOSE[@]}" -p "$project" up -d --build --remove-orphans \
-        >"$checkout.compose.log" 2>&1 \
+    PORT=$port timeout 600 "${COMPOSE[@]}" -p "$project" \
+        up -d --build --remove-orphans >"$checkout.compose.log" 2>&1 \
         || err "compose up failed: $(tail -n 3 "$checkout.compose.log")"
     wait_live "$port"
     printf '%s %s\n' "$(date +%s.%N)" "$sha" >>"$checkout.done"

@@ -122,9 +122,10 @@ def run_burst(runs=3, window=90):
                      " ".join(fmt(g["live"], "", 1) if g["live"] else ">%d" % window
                               for g in got),
                      fmt(median([g["live"] for g in got]), " s", 1),
-                     ", ".join(g["final"] for g in got)])
+                     ", ".join(g["final"] for g in got),
+                     sum(g["refused"] for g in got)])
     table(rows, ["peer", "deploys run", "finished", "last sha live (s)", "median",
-                 "serving at the end"])
+                 "serving at the end", "not 2xx"])
     ours = median([g["live"] for g in results["dockrune"]])
     theirs = median([g["live"] for g in results["webhook"]])
     ran = max(g["started"] for g in results["dockrune"])
@@ -162,7 +163,7 @@ def _burst_once(tmp, peer, window):
         if peer == "dockrune":
             setup.dockrune.wait_idle(120)
         began = time.monotonic()
-        _send_burst(hook_url, shas)
+        refused = _send_burst(hook_url, shas)
         live = wait_text(url, "burst-%d" % BURST, window)
         if peer == "dockrune":
             setup.dockrune.wait_idle(300)
@@ -176,7 +177,7 @@ def _burst_once(tmp, peer, window):
             started = _count_lines(setup.checkout + ".started") - 1
             finished = _count_lines(setup.checkout + ".done") - 1
         final = _served(url)
-        return {"started": started, "finished": finished,
+        return {"started": started, "finished": finished, "refused": refused,
                 "live": live - began if live else None, "final": final}
     finally:
         if webhook is not None:
@@ -200,11 +201,17 @@ def _script_hook(hooks_file, setup):
 
 
 def _send_burst(hook_url, shas):
-    """POST one push per sha, oldest first, spread over one second."""
+    """POST one push per sha, oldest first, spread over one second.
+
+    Return how many were not answered 2xx.
+    """
     began = time.monotonic()
+    refused = 0
     for i, sha in enumerate(shas):
         time.sleep(max(0.0, began + i / len(shas) - time.monotonic()))
-        post_push(hook_url, push_body(REPO, sha))
+        status = post_push(hook_url, push_body(REPO, sha))
+        refused += not (status and 200 <= status < 300)
+    return refused
 
 
 def _count_lines(path):
