@@ -171,8 +171,8 @@ def get_text(url, timeout=2):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None     # refused, reset or cut short while a container restarts
 
 
 def wait_text(url, wanted, timeout, interval=0.02):

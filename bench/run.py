@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +112,8 @@ def main(argv=None):
         except BenchError as e:
             say("  %s: cannot run: %s" % (name, e))
             failed.append(name)
-        except Exception as e:      # report and go on with the next bench
-            say("  %s: failed: %s: %s" % (name, type(e).__name__, e))
+        except Exception:       # report and go on with the next bench
+            say("  %s: failed:\n%s" % (name, traceback.format_exc().rstrip()))
             failed.append(name)
         say("  (%s took %.0f s)" % (name, time.monotonic() - began))
         say()
