@@ -185,7 +185,13 @@ def _burst_once(tmp, peer, window):
     finally:
         if webhook is not None:
             webhook.stop()
+            # A compose up killed with webhook's scripts may still have asked
+            # the engine for a container: let it land, then remove it too.
+            time.sleep(5)
         setup.clean()
+        if webhook is not None:
+            time.sleep(5)
+            compose_down(setup.script_project)
 
 
 def _script_hook(hooks_file, setup):
