@@ -60,12 +60,17 @@ def _measure(server, requests):
             rows.append([path, "not built (404)", "", ""])
             summary[path] = None
             continue
+        if status != 200:       # a login this bench does not know, or an error
+            rows.append([path, "answered %d: not measured" % status, "", ""])
+            summary[path] = None
+            continue
         summary[path] = median(times[path])
         rows.append([path, status, "%d bytes" % size, fmt(summary[path], " ms", 1)])
     table(rows, ["path", "status", "answer", "median"])
     for path in ("/api/apps", "/admin"):
         if summary[path] is None:
-            say("  %s: not built" % path)
+            say("  %s: not measured (%s)" % (path, "not built" if statuses[path][0]
+                                             == 404 else "no 200 answer"))
             continue
         say("  %s: %s (target < 50 ms: %s), %s x the /healthz floor"
             % (path, fmt(summary[path], " ms", 1), verdict(summary[path] < 50),
