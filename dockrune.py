@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """dockrune: push-to-deploy for one server.
 
-GitHub sends a webhook; dockrune fetches the pushed commit, deploys it with
-docker compose, checks that it answers, and keeps a log of every deploy.
+GitHub sends a webhook; dockrune fetches the pushed commit, deploys it (docker
+compose, a Dockerfile, a Nuxt/Nitro app, a Procfile or a static site), checks
+that it answers, and keeps a log of every deploy.
 
     dockrune serve                  run the daemon (webhook, admin, API, health)
     dockrune deploy APP [--ref REF] deploy now (through the daemon if it runs)
+    dockrune rollback APP [DEPLOY]  deploy an earlier live version again
     dockrune stop APP               stop an app
     dockrune status [--json]        every app and environment
-    dockrune logs APP [--deploy ID] [--follow]
+    dockrune logs APP [--deploy ID | --runtime] [--follow]
     dockrune doctor                 check this machine and the settings
+    dockrune alert test [TARGET]    send a test alert to each alert target
 
 Settings come from the environment or from $DOCKRUNE_HOME/dockrune.env (the
 environment wins); the SETTINGS table below lists them with their defaults.
@@ -29,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
+import alerts
 import handlers
 import health
 import proxy
@@ -90,6 +94,30 @@ def _url(value):
     return value.rstrip("/")
 
 
+def _seconds(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not number >= 0:
+        raise ValueError("expected a number of seconds, zero or more")
+    return number
+
+
+def _header(value):
+    value = value.strip()
+    name, sep, _rest = value.partition(":")
+    if value and (not sep or not name.strip() or any(
+            c in name for c in " \t\r\n")):
+        raise ValueError('expected "Name: value", like "X-Dockrune-Key: s3cret"')
+    return value
+
+
+def _rules(value):
+    alerts.parse_rules(value)
+    return value.strip()
+
+
 # key, default, converter, what it is.  The attribute name is the key without
 # its DOCKRUNE_ prefix, in lower case (DOCKRUNE_WEBHOOK_SECRET -> webhook_secret).
 SETTINGS = (
@@ -110,12 +138,36 @@ SETTINGS = (
     ("DOCKRUNE_COACH_ARTIE_CHANNEL", "", _text, "Coach Artie channel id"),
     ("DOCKRUNE_DISCORD_WEBHOOK_URL", "", _url, "a Discord webhook"),
     ("DOCKRUNE_N8N_WEBHOOK_URL", "", _url, "an n8n Webhook node URL"),
+    ("DOCKRUNE_N8N_HEADER", "", _header,
+     'header the n8n Webhook node checks, "Name: value"'),
+    ("DOCKRUNE_ALERTS_COACH_ARTIE", alerts.DEFAULT_RULES["coach-artie"], _rules,
+     "events sent to Coach Artie (a list, all or none)"),
+    ("DOCKRUNE_ALERTS_DISCORD", alerts.DEFAULT_RULES["discord"], _rules,
+     "events sent to the Discord webhook"),
+    ("DOCKRUNE_ALERTS_N8N", alerts.DEFAULT_RULES["n8n"], _rules,
+     "events sent to n8n"),
+    ("DOCKRUNE_OUTBOX_TIMEOUT", "10", _seconds,
+     "timeout of one outbound HTTP request"),
+    ("DOCKRUNE_OUTBOX_RETRY_BASE", "2", _seconds,
+     "first retry delay of a failed outbound call; it doubles each time"),
+    ("DOCKRUNE_OUTBOX_RETRY_MAX", "300", _seconds,
+     "longest wait between retries, or asked for by a rate limit"),
+    ("DOCKRUNE_OUTBOX_MAX_AGE", "86400", _seconds,
+     "outbound calls still failing after this long are given up"),
     ("DOCKRUNE_WORKERS", "2", _whole,
      "deploys that may run at once; 0 queues deploys and runs none (paused)"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
+    ("DOCKRUNE_PREVIEW_PORT_RANGE", "9100-9899", _port_range,
+     "ports handed to preview environments"),
+    ("DOCKRUNE_RECONCILE_INTERVAL", "3600", _whole,
+     "seconds between passes that remove stale previews (0: only at start)"),
     ("DOCKRUNE_KEEP_DEPLOYS", "100", _whole, "deploy records and logs kept per app"),
     ("DOCKRUNE_LOG_MAX_BYTES", "2000000", _whole, "size cap of one deploy log"),
+    ("DOCKRUNE_KEEP_RELEASES", "3", _whole,
+     "builds kept per app for rollback (release folders, images)"),
+    ("DOCKRUNE_RUNTIME_LOG_MAX_BYTES", "5000000", _whole,
+     "size at which an app's runtime log is rotated to <log>.1"),
     ("DOCKRUNE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     ("DOCKRUNE_DOMAIN", "", _text, "dockrune's own domain, routed through Caddy"),
     ("DOCKRUNE_CADDY_CONFIG", "", _text,
@@ -131,7 +183,8 @@ SETTINGS = (
      "seconds between uptime checks of live apps (0: no checks)"),
 )
 SECRET_KEYS = ("DOCKRUNE_WEBHOOK_SECRET", "DOCKRUNE_GITHUB_TOKEN",
-               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN")
+               "DOCKRUNE_ADMIN_PASSWORD", "DOCKRUNE_API_TOKEN",
+               "DOCKRUNE_DISCORD_WEBHOOK_URL")
 
 
 class SettingsError(Exception):
@@ -154,7 +207,11 @@ class Settings:
 
     def secrets(self):
         """Return every secret value, so logs can redact them."""
-        return [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        found = [self.raw.get(k, "") for k in SECRET_KEYS if self.raw.get(k)]
+        header_value = self.n8n_header.partition(":")[2].strip()
+        if header_value:
+            found.append(header_value)
+        return found
 
 
 def load_settings(environ=None):
@@ -212,17 +269,22 @@ class Daemon:
         self.settings = settings
         self.store = store.Store(settings.home, keep_deploys=settings.keep_deploys)
         self.store.ensure_dirs()
+        self.alerts = alerts.Alerts(self.store, settings, user_agent())
         self.proxy = proxy.Proxy(self.store, settings)
-        self.deployer = runners.Deployer(self.store, settings, proxy=self.proxy)
+        self.deployer = runners.Deployer(self.store, settings,
+                                         notify=self.alerts.notify, proxy=self.proxy)
         # Zero workers is a pause: deliveries are still verified, recorded and
         # queued, and the newest waiting deploy runs once workers are back.
         self.runner = runners.Runner(self.deployer, workers=settings.workers)
+        self.reconciler = runners.Reconciler(
+            self.store, self.runner, settings.reconcile_interval,
+            pull_request_state=self.alerts.github.pull_request_state)
         self.control_token = secrets.token_urlsafe(32)
         self.app = handlers.Application(self.store, settings, self.runner,
                                         self.deployer, self.control_token)
         # Whoever wants app-down and app-up events (the alerts outbox) appends
         # a callable listener(event, info) here.
-        self.listeners = []
+        self.listeners = [self.alerts.notify]
         self.health = health.HealthChecker(self.store, settings.health_interval,
                                            notify=self.notify,
                                            busy=self.runner.lane_busy)
@@ -244,11 +306,14 @@ class Daemon:
         """
         queued, interrupted = self.store.recover()
         self.deployer.sync_routes({"app": "-", "id": "start-up"})
+        self.deployer.supervisor.adopt_all()
+        self.deployer.supervisor.start_watching()
         for old in interrupted:
             killed = runners.kill_leftovers(old["id"])
             if killed:
                 log.warning("killed %d processes left by interrupted deploy %s",
                             killed, old["id"])
+        self.alerts.start()
         self.runner.start()
         for record in queued:
             log.info("queueing deploy %s of %s again", record["id"], record["app"])
@@ -264,10 +329,20 @@ class Daemon:
                      record["app"], old["id"])
             self.runner.submit(record)
         self.health.start()
+        self.reconciler.start()
 
     def stop(self, timeout=10.0):
+        """Stop the workers; the apps' processes go on running."""
         self.health.stop(timeout=min(timeout, 5.0))
-        return self.runner.shutdown(timeout)
+        self.reconciler.stop()
+        stragglers = self.runner.shutdown(timeout)
+        self.deployer.supervisor.shutdown()
+        self.alerts.shutdown()
+        return stragglers
+
+
+def user_agent():
+    return "dockrune/%s (push-to-deploy; python-urllib)" % __version__
 
 
 class _Shutdown(Exception):
@@ -370,20 +445,32 @@ def cmd_deploy(settings, args):
     return deploy_foreground(settings, app, args.ref)
 
 
-def deploy_foreground(settings, app, ref):
-    """Deploy app in this process, printing its log as it goes."""
+def deploy_foreground(settings, app, ref, record=None):
+    """Deploy app (or run the queued record) here, printing its log as it goes."""
     daemon = Daemon(settings)
-    sha = ref if ref and handlers._SHA_RE.match(ref) else None
-    record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
+    daemon.alerts.start()
+    if record is None:
+        sha = ref if ref and handlers._SHA_RE.match(ref) else None
+        record = daemon.deployer.new_deploy(app, "production", sha, ref, "manual")
     result = {}
     worker = threading.Thread(target=lambda: result.update(
         daemon.deployer.run_deploy(record)), name="dockrune-deploy-%s" % app)
     worker.start()
     follow_log(record["log"], lambda: not worker.is_alive())
     worker.join()
+    flush_alerts(daemon.alerts)
     if result.get("status") != "live":
-        raise SettingsError("deploy %s failed: %s" % (record["id"], result.get("error")))
+        raise SettingsError("deploy %s failed: %s"
+                            % (record["id"], result.get("error")))
     return 0
+
+
+def flush_alerts(alerts_, timeout=20.0):
+    """Give GitHub and the alert targets a moment; what is left waits on disk."""
+    if not alerts_.outbox.flush(timeout):
+        print("dockrune: some reports are not delivered yet; the daemon sends "
+              "them when it starts", file=sys.stderr)
+    alerts_.shutdown()
 
 
 def follow_log(path, finished, out=None):
@@ -407,6 +494,23 @@ def follow_log(path, finished, out=None):
         time.sleep(0.2)
 
 
+def cmd_rollback(settings, args):
+    app = _existing_app(settings, args.app)
+    daemon = running_daemon(settings)
+    if daemon:
+        answer = call_daemon(daemon, "POST", "/api/apps/%s/rollback" % app,
+                             {"deploy": args.deploy} if args.deploy else {})
+        print("queued rollback %s to %s; follow it with: dockrune logs %s --follow"
+              % (answer["deploy"], answer["rollback_to"], app))
+        return 0
+    deployer = runners.Deployer(_store(settings), settings)
+    try:
+        record = deployer.new_rollback(app, "production", args.deploy)
+    except runners.DeployError as e:
+        raise SettingsError(str(e)) from None
+    return deploy_foreground(settings, app, None, record)
+
+
 def cmd_stop(settings, args):
     app = _existing_app(settings, args.app)
     daemon = running_daemon(settings)
@@ -414,11 +518,16 @@ def cmd_stop(settings, args):
         call_daemon(daemon, "POST", "/api/apps/%s/stop" % app, {})
         print("stopping %s (through the daemon)" % app)
         return 0
-    deployer = runners.Deployer(_store(settings), settings)
+    st = _store(settings)
+    alerts_ = alerts.Alerts(st, settings, user_agent())
+    alerts_.start()
+    deployer = runners.Deployer(st, settings, notify=alerts_.notify)
     try:
         deployer.run_stop(app, "production")
     except runners.DeployError as e:
         raise SettingsError("stop failed: %s" % e) from None
+    finally:
+        flush_alerts(alerts_)
     print("stopped %s" % app)
     return 0
 
@@ -444,6 +553,8 @@ def cmd_status(settings, args):
 def cmd_logs(settings, args):
     app = _existing_app(settings, args.app)
     st = _store(settings)
+    if args.runtime:
+        return print_runtime_log(st, app, args.follow)
     if args.deploy:
         record = st.deploy(args.deploy)
         if record is None or record["app"] != app:
@@ -466,6 +577,20 @@ def cmd_logs(settings, args):
     return 0
 
 
+def print_runtime_log(st, app, follow):
+    """Print what the app's own processes wrote (nitro, procfile, static)."""
+    path = os.path.join(st.logs_dir, app, "production.runtime.log")
+    if not os.path.exists(path):
+        raise SettingsError("%s has no runtime log: only apps that dockrune runs "
+                            "itself have one (docker apps: docker logs)" % app)
+    if follow:
+        follow_log(path, lambda: False)
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        shutil.copyfileobj(f, sys.stdout)
+    return 0
+
+
 def cmd_doctor(settings, _args):
     """Check what dockrune needs; print one line per check; 1 if any failed."""
     checks = [
@@ -476,6 +601,8 @@ def cmd_doctor(settings, _args):
         ("git", _check_command(["git", "--version"], "apt-get install git")),
         ("node", _check_command(["node", "--version"],
                                 "only Nitro apps need it: apt-get install nodejs")),
+        ("npm", _check_command(["npm", "--version"],
+                               "only Nitro apps need it: apt-get install npm")),
         ("webhook secret", (bool(settings.webhook_secret), "set" if
                             settings.webhook_secret else
                             "set DOCKRUNE_WEBHOOK_SECRET in dockrune.env")),
@@ -484,13 +611,52 @@ def cmd_doctor(settings, _args):
     failed = 0
     for name, (ok, detail) in checks:
         print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
-        failed += 0 if ok or name == "node" else 1
+        failed += 0 if ok or name in ("node", "npm") else 1
+    repos = set()
     for app in store.Store(settings.home).app_names():
         try:
-            store.Store(settings.home).load_app(app)
+            repo = (store.Store(settings.home).load_app(app) or {}).get("REPO")
         except store.EnvFileError as e:
             print("FAIL %-16s %s" % ("app " + app, e))
             failed += 1
+            continue
+        if store.is_repo(repo or ""):
+            repos.add(repo)
+    for ok, name, detail in alerts.check_github_token(settings, sorted(repos),
+                                                      user_agent()):
+        print("%-4s %-16s %s" % ("ok" if ok else "FAIL", name, detail))
+        failed += 0 if ok else 1
+    templates = alerts.Templates(os.path.join(settings.home, "templates"))
+    for problem in templates.problems():
+        print("FAIL %-16s %s" % ("template", problem))
+        failed += 1
+    return 1 if failed else 0
+
+
+def cmd_alert(settings, args):
+    """Send a test alert to each configured target; print what each answered."""
+    notifier = alerts.Notifier(None, _store(settings), settings, user_agent())
+    configured = notifier.targets()
+    if args.target and args.target not in configured:
+        raise SettingsError("%s is not configured (configured: %s)" % (
+            args.target, ", ".join(configured) or "none; see DOCKRUNE_COACH_ARTIE_URL,"
+            " DOCKRUNE_DISCORD_WEBHOOK_URL, DOCKRUNE_N8N_WEBHOOK_URL"))
+    if not configured:
+        raise SettingsError("no alert target is configured: set "
+                            "DOCKRUNE_COACH_ARTIE_URL and _CHANNEL, "
+                            "DOCKRUNE_DISCORD_WEBHOOK_URL or DOCKRUNE_N8N_WEBHOOK_URL")
+    failed = 0
+    for target in [args.target] if args.target else configured:
+        try:
+            answer = notifier.post(target, notifier.test_payload(target))
+        except alerts.TransportError as e:
+            print("%-12s no answer: %s" % (target, e))
+            failed += 1
+            continue
+        ok = 200 <= answer.status < 300
+        print("%-12s %d %s" % (target, answer.status, answer.message()
+                               if answer.body else "(empty body)"))
+        failed += 0 if ok else 1
     return 1 if failed else 0
 
 
@@ -548,6 +714,10 @@ def build_parser():
     p = sub.add_parser("deploy", help="deploy an app now")
     p.add_argument("app")
     p.add_argument("--ref", help="branch, tag or sha (default: the app's branch)")
+    p = sub.add_parser("rollback", help="deploy an earlier live version again")
+    p.add_argument("app")
+    p.add_argument("deploy", nargs="?", metavar="DEPLOY",
+                   help="the deploy to go back to (default: the one live before)")
     p = sub.add_parser("stop", help="stop an app")
     p.add_argument("app")
     p = sub.add_parser("status", help="show every app and environment")
@@ -556,12 +726,19 @@ def build_parser():
     p.add_argument("app")
     p.add_argument("--deploy", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--runtime", action="store_true",
+                   help="the output of the app's own process, not a deploy's log")
     sub.add_parser("doctor", help="check this machine and the settings")
+    p = sub.add_parser("alert", help="alert targets")
+    alert_sub = p.add_subparsers(dest="alert_command", required=True)
+    p = alert_sub.add_parser("test", help="send a test alert to each target")
+    p.add_argument("target", nargs="?", choices=alerts.ALERT_TARGETS)
     return parser
 
 
-COMMANDS = {"deploy": cmd_deploy, "stop": cmd_stop, "status": cmd_status,
-            "logs": cmd_logs, "doctor": cmd_doctor}
+COMMANDS = {"deploy": cmd_deploy, "rollback": cmd_rollback, "stop": cmd_stop,
+            "status": cmd_status, "logs": cmd_logs, "doctor": cmd_doctor,
+            "alert": cmd_alert}
 
 
 def main(argv=None):

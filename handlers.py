@@ -27,6 +27,7 @@ import time
 import urllib.parse
 
 import health
+import runners
 import store
 
 log = logging.getLogger("dockrune.handlers")
@@ -367,6 +368,9 @@ class Application:
             env = form.get("environment") or "production"
             self.known_environment(app, env)
             return self.manual_deploy(app, form.get("ref") or None, env)
+        if rest == ["rollback"]:
+            _allow(method, "POST")
+            return self.rollback(app, _read_form(environ))
         if rest == ["stop"]:
             _allow(method, "POST")
             env = _read_form(environ).get("environment") or "production"
@@ -387,6 +391,22 @@ class Application:
         log.info("deploy %s of %s/%s asked (%s)", record["id"], app, env, trigger)
         return _json(202, {"deploy": record["id"], "app": app, "environment": env,
                            "ref": ref})
+
+    def rollback(self, app, form):
+        env = form.get("environment") or "production"
+        deploy_id = form.get("deploy") or None
+        if not store.is_name(env):
+            raise HTTPError(400, "environment %s is not a name" % _clip(env))
+        if deploy_id is not None and not store.is_deploy_id(deploy_id):
+            raise HTTPError(400, "deploy %s is not a deploy id" % _clip(deploy_id))
+        try:
+            record = self.deployer.new_rollback(app, env, deploy_id)
+        except runners.DeployError as e:
+            raise HTTPError(409, str(e)) from None
+        self.runner.submit(record)
+        return _json(202, {"deploy": record["id"], "app": app, "environment": env,
+                           "rollback_to": record["rollback_to"],
+                           "sha": record["sha"]})
 
     def known_environment(self, app, env):
         """Return app/env's summary ({} for a production never deployed).
@@ -537,6 +557,8 @@ class Application:
             raise HTTPError(403, "the form's CSRF token is missing or stale: "
                                  "reload the page and try again")
         env = form.get("environment") or "production"
+        if action == "approve":
+            return self.approve(app, env, form.get("sha", ""))
         summary = self.known_environment(app, env)
         if action == "stop":
             self.runner.submit({"action": "stop", "app": app, "environment": env})
@@ -552,6 +574,33 @@ class Application:
         log.info("deploy %s of %s/%s asked on the admin page (%s)", record["id"],
                  app, env, action)
         return _redirect("/admin/deploys/%s" % record["id"])
+
+    def approve(self, app, env, sha):
+        """Deploy the held preview of a fork's pull request, for that sha only."""
+        if not store.is_name(env) or not _SHA_RE.match(sha):
+            raise HTTPError(400, "approve needs an environment and a full sha")
+        request = self.store.take_approval(app, env, sha)
+        if request is None:
+            raise HTTPError(409, "nothing waits for approval of %s in %s/%s: a newer "
+                                 "commit needs its own approval" % (sha, app, env))
+        facts = {k: request[k] for k in ("pr", "repo", "title", "author", "pr_url",
+                                         "fork") if k in request}
+        record = self.deployer.new_deploy(app, env, sha, request.get("ref"),
+                                          "approved", **facts)
+        self.runner.submit(record)
+        log.info("preview %s/%s at %s approved on the admin page", app, env, sha)
+        return _redirect("/admin/deploys/%s" % record["id"])
+
+    def approval_rows(self, csrf):
+        held = self.store.approvals()
+        if not held:
+            return Markup("")
+        rows = [self.fill("approval_row", app=r["app"], environment=r["environment"],
+                          title=r.get("title") or "", sha=r["sha"],
+                          short_sha=r["sha"][:12], fork=r.get("fork") or "",
+                          ref=r.get("ref") or "", csrf=csrf)
+                for _key, r in sorted(held.items())]
+        return self.fill("approvals", rows=Markup("\n".join(rows)))
 
     def page_overview(self):
         # Two state files and the apps' .env files: nothing here reads deploy
@@ -569,6 +618,7 @@ class Application:
                 "%d %s" % (counts[s], s) for s in store.ENV_STATUSES if s in counts)
             or "nothing deployed yet")
         body = self.fill("overview", summary=summary, notice=self.notice(),
+                         approvals=self.approval_rows(csrf),
                          rows=Markup("\n".join(self.env_row(r, now, csrf)
                                                 for r in rows)) or self.fill("empty"))
         return self.page("Apps", body)
@@ -702,7 +752,7 @@ class Application:
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admin.html")
 _SECTION_RE = re.compile(r"^<!-- @([a-z_]+) -->$")
-ADMIN_ACTIONS = ("redeploy", "start", "stop")
+ADMIN_ACTIONS = ("redeploy", "start", "stop", "approve")
 # The key under which status_rows() hands the uptime slots to the pages; the
 # API drops it.
 _SLOTS = "_slots"

@@ -23,7 +23,6 @@ import threading
 import time
 
 import runners
-import store
 
 log = logging.getLogger("dockrune.health")
 

@@ -65,6 +65,28 @@ install_packages() {
     run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 }
 
+# Docker's default address pools hold about 30 networks, and every compose
+# project gets one: give the engine room for a few hundred apps.  Only where
+# the engine has no daemon.json yet (an operator's own settings are kept).
+configure_docker() {
+    local conf=/etc/docker/daemon.json
+    is_root || return 0
+    [ -e "$conf" ] && return 0
+    say "writing $conf (address pools for many compose networks)"
+    [ "$DRY_RUN" = 1 ] && return 0
+    mkdir -p /etc/docker
+    cat >"$conf" <<'EOF'
+{
+  "default-address-pools": [
+    {"base": "172.16.0.0/12", "size": 24}
+  ]
+}
+EOF
+    if docker info >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        run systemctl restart docker
+    fi
+}
+
 # Start a Docker engine when none answers: systemd where it runs, else dockerd
 # in the background (containers and CI machines without an init system).
 start_docker() {
@@ -161,6 +183,7 @@ install_user() {
     local bindir
     bindir=$(default_bindir)
     install_packages $RUNTIME_PACKAGES
+    configure_docker
     is_root && start_docker
     install_app "$prefix" "$bindir"
     make_home "$home"
@@ -222,6 +245,7 @@ install_systemd() {
         run useradd --system --home-dir "$home" --shell /usr/sbin/nologin dockrune
     fi
     run usermod -a -G docker dockrune
+    configure_docker
     install_app "$prefix" /usr/local/bin
     make_home "$home" dockrune
     say "writing /etc/systemd/system/dockrune.service"
@@ -236,6 +260,7 @@ run_tests() {
     local src
     src=$(source_dir)
     install_packages $RUNTIME_PACKAGES $TEST_PACKAGES
+    configure_docker
     start_docker
     make_venv "$src/.venv" "$WAITRESS" "$PYTEST"
     say "running the test suite"

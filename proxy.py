@@ -116,8 +116,8 @@ class Proxy:
     def sync(self, overrides=None):
         """Write the routes file from the state and reload Caddy if it changed.
 
-        overrides: {(app, environment): port} to route before the state says
-        so (the switch of a zero-downtime release).  Returns True when Caddy
+        overrides: {(app, environment): {"port": ..., "domain": ...}} to route
+        before the state says so (the switch of a zero-downtime release).  Returns True when Caddy
         was reloaded.  Raises ProxyError when Caddy refuses the new routes;
         the previous file is then put back.
         """
@@ -125,10 +125,10 @@ class Proxy:
             return False
         with self._lock:
             envs = self.store.environments()
-            for (app, env), port in (overrides or {}).items():
+            for (app, env), fields in (overrides or {}).items():
                 summary = envs.setdefault("%s/%s" % (app, env), {
-                    "app": app, "environment": env, "status": "live"})
-                summary.update(port=port, status="live")
+                    "app": app, "environment": env})
+                summary.update(fields, status="live")
             own = None
             if self.settings.domain:
                 own = (self.settings.domain, "%s:%d" % self.settings.listen)

@@ -10,7 +10,10 @@ Layout under DOCKRUNE_HOME::
     state/deliveries.json    recent X-GitHub-Delivery ids, bounded
     state/ports.json         ports handed out by dockrune
     logs/<app>/<id>.log      one file per deploy
+    logs/<app>/<environment>.runtime.log  output of the app's own processes
     src/<app>/<environment>  git checkouts
+    releases/<app>/<environment>/<sha>  builds kept for rollback (runners.py)
+    run/procs/<app>/<environment>.<slot>.json  supervised processes (supervise.py)
 
 Every write goes through write_json() or write_text(): a temporary file in the
 same directory, fsync, os.replace, fsync of the directory.  A crash leaves the

@@ -26,7 +26,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
 
 import dockrune  # noqa: E402
-import handlers  # noqa: E402
 import proxy  # noqa: E402
 import runners  # noqa: E402
 import store  # noqa: E402
@@ -168,6 +167,28 @@ def git(*args):
 @pytest.fixture
 def remote(tmp_path):
     return GitRemote(str(tmp_path / "git"))
+
+
+def write_app(home, name, remote, port, **extra):
+    """Write apps/<name>.env for a test app fetched from remote; extra adds keys."""
+    os.makedirs(os.path.join(str(home), "apps"), exist_ok=True)
+    settings = {"REPO": "tester/" + name, "GIT_URL": remote.bare, "BRANCH": "main",
+                "PORT": str(port), "HEALTH_TIMEOUT": "30"}
+    settings.update(extra)
+    with open(os.path.join(str(home), "apps", name + ".env"), "w") as f:
+        f.write("".join("%s=%s\n" % kv for kv in settings.items()))
+
+
+def push(server, name, sha, timeout=180):
+    """Deliver a signed push of sha to app name; return the finished record."""
+    code, answer = post_hook(server.url, "push", push_body("tester/" + name, sha))
+    assert code == 202, answer
+    return server.wait_deploy(answer["deploy"], timeout=timeout)
+
+
+def log_of(record):
+    with open(record["log"]) as f:
+        return f.read()
 
 
 # -- docker -------------------------------------------------------------------------
@@ -321,6 +342,40 @@ def server_factory(tmp_path):
     yield start
     for server in started:
         server.stop()
+    for home in {str(server.home) for server in started}:
+        stop_supervised(home)
+        remove_containers(home)
+
+
+def remove_containers(home):
+    """Remove what the apps of a test's home left in Docker, once its daemon is down.
+
+    The test's own clean-up may run while a deploy still goes on; this runs
+    after the daemon stopped, so nothing starts the containers again.
+    """
+    try:
+        envs = store.Store(home).environments()
+    except store.StoreError:
+        return
+    if not envs or shutil.which("docker") is None:
+        return
+    for summary in envs.values():
+        project = runners.compose_project(summary["app"], summary["environment"])
+        compose_down(project)
+        for name in (project, project + "-next"):
+            subprocess.run(["docker", "rm", "--force", name], capture_output=True,
+                           timeout=120)
+
+
+def stop_supervised(home):
+    """Stop the app processes a test's daemon left running (they outlive it)."""
+    import supervise
+    run_dir = os.path.join(home, "run")
+    if not os.path.isdir(os.path.join(run_dir, "procs")):
+        return
+    sup = supervise.Supervisor(run_dir)
+    for spec in sup.specs():
+        sup.stop(spec["app"], spec["environment"], spec["slot"])
 
 
 def http_get(url, timeout=5):

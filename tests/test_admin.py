@@ -1,6 +1,7 @@
 """The admin pages and the JSON API, called in-process through wsgiref.validate."""
 
 import base64
+import html
 import json
 import os
 import re
@@ -583,3 +584,54 @@ def test_overview_says_when_health_checks_are_off(tmp_path):
     assert "Health checks are off" in site.html("/admin")
     site = Site(tmp_path / "other")
     assert "Health checks are off" not in site.html("/admin")
+
+
+# -- approvals of pull requests from forks --
+
+
+def hold(site, app="blog", env="pr-4", sha=SHA, title=XSS):
+    site.store.request_approval({"app": app, "environment": env, "sha": sha,
+                                 "ref": "patch-1", "fork": "stranger/blog",
+                                 "title": title, "pr": 4, "repo": "o/blog"})
+
+
+def test_overview_offers_to_approve_the_held_commit_escaped(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    hold(site)
+    page = site.html("/admin")
+    assert 'data-approval="%s"' % SHA in page
+    assert "Approve %s" % SHA[:12] in page
+    assert XSS not in page and html.escape(XSS) in page
+
+
+def test_approve_deploys_exactly_the_held_sha_once(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    hold(site)
+    code, headers, body = site.post_form("/admin/apps/blog/approve", {
+        "csrf": site.csrf(), "environment": "pr-4", "sha": SHA})
+    assert code == 303, body
+    [job] = site.runner.jobs
+    assert (job["environment"], job["sha"], job["trigger"]) == ("pr-4", SHA, "approved")
+    assert job["pr"] == 4 and job["ref"] == "patch-1"
+    assert site.store.approvals() == {}
+    code, _headers, body = site.post_form("/admin/apps/blog/approve", {
+        "csrf": site.csrf(), "environment": "pr-4", "sha": SHA})
+    assert code == 409 and len(site.runner.jobs) == 1
+
+
+def test_approve_of_another_sha_than_the_held_one_is_refused(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    hold(site, sha=OLD_SHA)
+    code, _headers, body = site.post_form("/admin/apps/blog/approve", {
+        "csrf": site.csrf(), "environment": "pr-4", "sha": SHA})
+    assert code == 409 and b"newer commit needs its own approval" in body
+    assert site.runner.jobs == []
+
+
+def test_approve_without_csrf_token_is_403(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    hold(site)
+    code, _headers, _body = site.post_form("/admin/apps/blog/approve", {
+        "environment": "pr-4", "sha": SHA})
+    assert code == 403 and site.runner.jobs == []
+    assert site.store.approvals() != {}

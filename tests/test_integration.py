@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from conftest import (GitRemote, compose_app, compose_down, http_get, post_hook,
+from conftest import (GitRemote, write_app, compose_app, compose_down, http_get, post_hook,
                       push_body, free_port)
 import store
 
@@ -16,15 +16,6 @@ def app_name():
     name = "it-" + secrets.token_hex(3)
     yield name
     compose_down("dockrune-" + name)
-
-
-def write_app(home, name, remote, port, **extra):
-    os.makedirs(os.path.join(str(home), "apps"), exist_ok=True)
-    lines = ["REPO=tester/%s" % name, "GIT_URL=%s" % remote.bare, "BRANCH=main",
-             "PORT=%d" % port, "HEALTH_TIMEOUT=30"]
-    lines += ["%s=%s" % kv for kv in extra.items()]
-    with open(os.path.join(str(home), "apps", name + ".env"), "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 def test_push_deploys_commit_then_next_push_replaces_it(

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import GitRemote, compose_app, compose_down, free_port, post_hook, push_body
 import proxy
-from test_integration import write_app
+from conftest import write_app
 
 
 def test_render_routes_is_sorted_and_stable():

@@ -15,7 +15,7 @@ from conftest import (GitRemote, compose_app, compose_down, free_port, http_get,
                       make_settings, post_hook, push_body)
 import runners
 import store
-from test_integration import write_app
+from conftest import write_app
 
 
 @pytest.fixture
@@ -23,6 +23,18 @@ def app_name():
     name = "rel-" + secrets.token_hex(3)
     yield name
     compose_down("dockrune-" + name)
+
+
+def free_ports(count):
+    """Return count distinct free ports (all held at once while they are picked)."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def deploy_and_wait(server, repo, sha, **extra):
@@ -264,9 +276,10 @@ def test_twenty_repos_times_five_pushes_at_once_end_with_the_newest_live(
     names = ["load-%s-%02d" % (tag, n) for n in range(20)]
     server = server_factory()
     pushes, ports = [], {}
+    distinct_ports = free_ports(len(names))
     for name in names:
         remote = GitRemote(str(tmp_path / name))
-        ports[name] = free_port()
+        ports[name] = distinct_ports.pop()
         write_app(server.home, name, remote, ports[name])
         for n in range(1, 6):
             pushes.append((name, n, remote.commit(compose_app("%s-%d" % (name, n)))))
@@ -309,12 +322,18 @@ def test_twenty_repos_times_five_pushes_at_once_end_with_the_newest_live(
         for name in names:
             assert (rows[name]["status"], rows[name]["sha"]) == (
                 "live", newest[name]), (name, server.log()[-3000:])
-            assert http_get("http://127.0.0.1:%d/" % ports[name]) == (
-                200, "%s-5\n" % name)
+            expected = (200, "%s-5\n" % name)
+            deadline = time.monotonic() + 30
+            while http_get("http://127.0.0.1:%d/" % ports[name]) != expected:
+                assert time.monotonic() < deadline, (
+                    name, http_get("http://127.0.0.1:%d/" % ports[name]),
+                    server.log()[-3000:])
+                time.sleep(0.5)
         assert max(most_running.values()) == 1
     finally:
         watching.set()
         watcher.join()
+        server.stop()   # first, so that no deploy starts a container again
         for name in names:
             compose_down("dockrune-" + name)
 

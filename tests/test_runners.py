@@ -250,3 +250,77 @@ def test_app_environment_never_hands_dockrune_secrets_to_the_app(tmp_path, monke
     assert env["PORT"] == "8300" and env["DATABASE_URL"] == "x"
     assert "DOCKRUNE_WEBHOOK_SECRET" not in env
     assert "hush" not in env.values()
+
+
+# -- preview reconciliation --
+
+
+@pytest.mark.parametrize("text,seconds", [("90m", 5400), ("36h", 129600),
+                                          ("7d", 604800), ("45", 45), ("", 12)])
+def test_parse_duration_understands_units(text, seconds):
+    assert runners.parse_duration(text, 12) == seconds
+
+
+def test_parse_duration_refuses_nonsense():
+    with pytest.raises(ValueError, match="not a duration"):
+        runners.parse_duration("soon", 1)
+
+
+class Submitted:
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+
+def preview_store(tmp_path, settings="REPO=o/blog\n"):
+    st = store.Store(str(tmp_path))
+    st.ensure_dirs()
+    with open(st.app_path("blog"), "w") as f:
+        f.write(settings)
+    return st
+
+
+def test_reconcile_removes_previews_past_their_ttl(tmp_path):
+    st = preview_store(tmp_path, "REPO=o/blog\nPREVIEW_TTL=2d\n")
+    st.update_environment("blog", "production", status="live",
+                          deployed_at="2026-01-01T00:00:00Z")
+    st.update_environment("blog", "pr-1", status="live",
+                          deployed_at="2026-01-01T00:00:00Z")
+    st.update_environment("blog", "pr-2", status="live",
+                          deployed_at="2026-01-04T00:00:00Z")
+    now = runners.datetime.datetime(2026, 1, 4, 12, tzinfo=runners.datetime.timezone.utc)
+    runner = Submitted()
+    stale = runners.Reconciler(st, runner).run_once(now.timestamp())
+    assert [(a, e) for a, e, _ in stale] == [("blog", "pr-1")]
+    assert "PREVIEW_TTL" in stale[0][2]
+    assert runner.jobs == [{"action": "teardown", "app": "blog", "environment": "pr-1",
+                            "reason": stale[0][2]}]
+
+
+def test_reconcile_keeps_only_the_newest_max_previews(tmp_path):
+    st = preview_store(tmp_path, "REPO=o/blog\nMAX_PREVIEWS=2\n")
+    for n in range(1, 5):
+        st.update_environment("blog", "pr-%d" % n, status="live",
+                              deployed_at="2026-01-0%dT00:00:00Z" % n)
+    now = runners.datetime.datetime(2026, 1, 5, tzinfo=runners.datetime.timezone.utc)
+    stale = runners.stale_previews(st, now.timestamp())
+    assert sorted(e for _, e, _ in stale) == ["pr-1", "pr-2"]
+
+
+def test_reconcile_asks_about_pull_requests_and_keeps_what_it_cannot_tell(tmp_path):
+    st = preview_store(tmp_path)
+    for n in (1, 2, 3):
+        st.update_environment("blog", "pr-%d" % n, status="live",
+                              deployed_at=store.utcnow())
+    st.update_environment("blog", "branch-x", status="live", deployed_at=store.utcnow())
+    asked = []
+
+    def state(repo, number):
+        asked.append((repo, number))
+        return {1: "closed", 2: "open"}.get(number)
+
+    stale = runners.stale_previews(st, time.time(), state)
+    assert [(e, r) for _, e, r in stale] == [("pr-1", "pull request #1 is closed")]
+    assert sorted(asked) == [("o/blog", 1), ("o/blog", 2), ("o/blog", 3)]
