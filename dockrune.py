@@ -163,7 +163,8 @@ SETTINGS = (
      "longest wait between retries, or asked for by a rate limit"),
     ("DOCKRUNE_OUTBOX_MAX_AGE", "86400", _seconds,
      "outbound calls still failing after this long are given up"),
-    ("DOCKRUNE_WORKERS", "2", _whole, "deploys that may run at once"),
+    ("DOCKRUNE_WORKERS", "2", _whole,
+     "deploys that may run at once; 0 queues deploys and runs none (paused)"),
     ("DOCKRUNE_PORT_RANGE", "8100-8999", _port_range,
      "ports handed to apps that set no PORT"),
     ("DOCKRUNE_PREVIEW_PORT_RANGE", "9100-9899", _port_range,
@@ -289,7 +290,9 @@ class Daemon:
         self.proxy = proxy.Proxy(self.store, settings)
         self.deployer = runners.Deployer(self.store, settings,
                                          notify=self.alerts.notify, proxy=self.proxy)
-        self.runner = runners.Runner(self.deployer, workers=max(1, settings.workers))
+        # Zero workers is a pause: deliveries are still verified, recorded and
+        # queued, and the newest waiting deploy runs once workers are back.
+        self.runner = runners.Runner(self.deployer, workers=settings.workers)
         self.reconciler = runners.Reconciler(
             self.store, self.runner, settings.reconcile_interval,
             pull_request_state=self.alerts.github.pull_request_state)
@@ -381,6 +384,8 @@ def serve(settings):
                                                                  "dockrune.env"))
     daemon = Daemon(settings)
     daemon.start()
+    if not settings.workers:
+        log.warning("DOCKRUNE_WORKERS=0: deploys are queued but none runs")
     host, port = settings.listen
     # waitress reads requests in its event loop and hands only complete ones
     # to its threads, so slow clients cost a socket, not a thread; the limit

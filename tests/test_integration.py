@@ -195,3 +195,19 @@ def test_serve_stops_cleanly_on_sigterm(server_factory):
     assert not os.path.exists(daemon_json)
     assert "shutting down" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_zero_workers_queue_deliveries_and_run_none(server_factory, tmp_path):
+    server = server_factory(DOCKRUNE_WORKERS="0").start()
+    remote = GitRemote(str(tmp_path / "git"))
+    write_app(server.home, "paused", remote, free_port())
+    shas = ["%040x" % n for n in (1, 2)]
+    answers = [post_hook(server.url, "push", push_body("tester/paused", sha))
+               for sha in shas]
+    assert [status for status, _ in answers] == [202, 202]
+    first, second = (answer["deploy"] for _, answer in answers)
+    assert http_get(server.url + "/healthz")[1].count('"jobs": 1') == 1
+    st = store.Store(str(server.home))
+    assert st.deploy(first)["status"] == "superseded"
+    assert st.deploy(second)["status"] == "queued"
+    assert "DOCKRUNE_WORKERS=0" in server.log()

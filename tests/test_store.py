@@ -107,6 +107,14 @@ def test_write_json_replaces_file_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(str(tmp_path / "state")) == ["x.json"]
 
 
+@pytest.mark.parametrize("data", [
+    [], ["a"], ["a", "b\"\\\n", "\u00e9\u2603"], [1, "a"], ["a", None],
+    {"b": [1, 2], "a": {"c": "d"}}, "text",
+])
+def test_dumps_gives_the_text_json_module_gives(data):
+    assert store.dumps(data) == json.dumps(data, indent=1, sort_keys=True)
+
+
 def test_write_json_failure_keeps_old_content(tmp_path):
     path = str(tmp_path / "x.json")
     store.write_json(path, {"old": True})
