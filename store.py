@@ -357,22 +357,18 @@ class Store:
     def load_apps(self):
         """Return {name: settings} for every readable app; log the others.
 
-        Files are parsed again only when their size or mtime changed, so the
-        webhook handler can afford to look through every app on each push.
+        load_app() parses a file again only when it changed, so the webhook
+        handler can afford to look through every app on each push.
         """
         apps = {}
         for name in self.app_names():
-            path = self.app_path(name)
             try:
-                st = os.stat(path)
-                key = (st.st_mtime_ns, st.st_size, st.st_ino)
-                cached = self._app_cache.get(name)
-                if cached is None or cached[0] != key:
-                    cached = (key, read_env_file(path))
-                    self._app_cache[name] = cached
-                apps[name] = dict(cached[1])
+                settings = self.load_app(name)
             except (EnvFileError, OSError) as e:
                 log.error("app %s skipped: %s", name, e)
+                continue
+            if settings is not None:
+                apps[name] = settings
         return apps
 
     def find_app_by_repo(self, repo):

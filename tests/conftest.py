@@ -242,8 +242,10 @@ def compose_app(sha_marker="v1", fail_build=False):
     return {
         "Dockerfile": dockerfile,
         "site/index.html": sha_marker + "\n",
-        "compose.yaml": ("services:\n  web:\n    build: .\n    ports:\n"
-                         "      - \"127.0.0.1:${PORT}:8080\"\n"),
+        # busybox httpd runs as pid 1 and so ignores SIGTERM: without this,
+        # every recreate would wait out Docker's 10 s stop timeout.
+        "compose.yaml": ("services:\n  web:\n    build: .\n    stop_signal: SIGKILL\n"
+                         "    ports:\n      - \"127.0.0.1:${PORT}:8080\"\n"),
     }
 
 
