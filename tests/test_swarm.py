@@ -122,7 +122,9 @@ def stack_app(marker, broken=False, page="index.html"):
         "site/index.html": None, "site/" + page: marker + "\n",
         # One node, one host port: the old task must stop before the new one
         # can bind it, so this app asks for stop-first itself.
-        "compose.yaml": ("services:\n  web:\n    build: .\n    ports:\n"
+        # stop_signal: busybox httpd as pid 1 ignores SIGTERM (see conftest).
+        "compose.yaml": ("services:\n  web:\n    build: .\n    stop_signal: SIGKILL\n"
+                         "    ports:\n"
                          "      - target: 8080\n        published: ${PORT}\n"
                          "        mode: host\n    deploy:\n      update_config:\n"
                          "        order: stop-first\n"),
