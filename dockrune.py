@@ -365,10 +365,6 @@ def user_agent():
     return "dockrune/%s (push-to-deploy; python-urllib)" % __version__
 
 
-class _Shutdown(Exception):
-    """Raised by the signal handler to leave waitress's loop."""
-
-
 def daemon_file(settings):
     return os.path.join(settings.home, "run", "daemon.json")
 
@@ -401,17 +397,26 @@ def serve(settings):
     log.info("dockrune %s listening on http://%s:%d, home %s", __version__, host,
              port, settings.home)
 
+    # The handler only records the signal: an exception raised from it could
+    # land inside a channel's read handler, where waitress catches it, logs it
+    # and goes on serving. The loop below runs waitress's event loop one pass
+    # at a time (each pass waits at most a second) and looks at the flag.
+    signals = []
+
     def shut(signum, _frame):
-        raise _Shutdown(signum)
+        signals.append(signum)
 
     signal.signal(signal.SIGTERM, shut)
     signal.signal(signal.SIGINT, shut)
     try:
-        server.run()
-    except _Shutdown as e:
-        log.info("signal %d: shutting down", e.args[0])
+        while not signals:
+            server.asyncore.loop(timeout=1.0, map=server._map, count=1,
+                                 use_poll=server.adj.asyncore_use_poll)
+        log.info("signal %d: shutting down", signals[0])
     finally:
         server.close()
+        # Requests already handed to a thread finish; new ones are not read.
+        server.task_dispatcher.shutdown(timeout=5)
         try:
             os.unlink(daemon_file(settings))
         except FileNotFoundError:

@@ -352,6 +352,15 @@ def test_slow_clients_do_not_stop_a_real_delivery(server_factory):
         code, answer = post_hook(server.url, "ping", b'{"zen": "slow"}')
         assert (code, answer) == (200, {"message": "pong"})
         assert time.monotonic() - started < 2.0
+        # SIGTERM while they are still connected: serve exits at once (the
+        # signal must not be swallowed by a channel's read handler).
+        for s in slow:
+            s.sendall(b"Y")
+        stopped = time.monotonic()
+        server.proc.terminate()
+        assert server.proc.wait(timeout=10) == 0
+        assert time.monotonic() - stopped < 5.0
+        assert "shutting down" in server.log()
     finally:
         for s in slow:
             s.close()
