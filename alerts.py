@@ -1043,6 +1043,9 @@ class Notifier:
     def payload(self, target, alert, values, record):
         text = self.templates.render(alert, target, values)
         if target == "coach-artie":
+            if not text.strip():
+                # Coach Artie answers 400 to empty content: say it the built-in way.
+                text = string.Template(BUILT_IN_TEMPLATES[alert]).safe_substitute(values)
             return {"content": clip(text.strip(), COACH_ARTIE_LIMIT, TRUNCATED)}
         if target == "discord":
             if values["log_tail"]:

@@ -334,3 +334,17 @@ def test_template_that_renders_to_nothing_still_makes_a_valid_embed(
     embed = targets["discord"].bodies()[0]["embeds"][0]
     assert "description" not in embed and embed["title"] == "❌ shop: deploy failed"
     assert targets["discord"].problems == []
+
+
+def test_coach_artie_template_that_renders_to_nothing_falls_back_to_built_in(
+        tmp_path, started, targets):
+    os.makedirs(str(tmp_path / "home" / "templates"))
+    with open(str(tmp_path / "home" / "templates" /
+                  "deploy_failed.coach-artie.txt"), "w") as f:
+        f.write("   \n")
+    st, box = started()
+    simulate(st, box, outcome="failed")
+    assert box.outbox.flush(10)
+    (content,) = targets["coach-artie"].contents()
+    assert content.startswith("Deploy of shop (production) failed at ")
+    assert targets["coach-artie"].problems == []
