@@ -82,11 +82,17 @@ def _site_block(route, address):
 
 
 def routes_from_state(environments):
-    """Return the routes for every live environment that has a domain and port."""
+    """Return the routes for every serving environment with a domain and port.
+
+    Serving: live, failing (its previous version still answers), or deploying
+    while the version before the deploy still answers.
+    """
     routes = []
     for summary in environments.values():
-        if summary.get("status") not in ("live", "failing") or not summary.get(
-                "domain"):
+        status = summary.get("status")
+        serving = status in ("live", "failing") or (
+            status == "deploying" and summary.get("serving"))
+        if not serving or not summary.get("domain"):
             continue
         if summary.get("static_root"):
             routes.append({"domain": summary["domain"], "root": summary["static_root"],

@@ -342,8 +342,12 @@ class Deployer:
         carried = {"candidates": record["candidates"]} if record.get("candidates") else {}
         record = self.store.update_deploy(deploy_id, status="running",
                                           started_at=store.utcnow(), **carried)
+        # What serves now keeps its route while this deploy runs (see proxy.py).
+        before = self.store.environment(app, env) or {}
+        serving = before.get("status") in ("live", "failing") or (
+            before.get("status") == "deploying" and bool(before.get("serving")))
         self.store.update_environment(app, env, running=deploy_id, queued=None,
-                                      status="deploying")
+                                      status="deploying", serving=serving)
         self.notify("started", record)
         log.info("deploy %s of %s/%s at %s started", deploy_id, app, env,
                  (record["sha"] or record.get("ref") or "its branch")[:12])
@@ -370,6 +374,11 @@ class Deployer:
 
     def _finish(self, record, status, error, facts, seconds):
         app, env, deploy_id = record["app"], record["environment"], record["id"]
+        done = dict(record, **facts)
+        if status == "live" and done.get("domain") and done.get("port"):
+            # Route first: whoever sees "live" can reach it through the proxy.
+            self.sync_routes(done, {(app, env): {"port": done["port"],
+                                                 "domain": done["domain"]}})
         record = self.store.update_deploy(
             deploy_id, status=status, error=error, finished_at=store.utcnow(),
             duration=round(seconds, 1), **facts)
@@ -455,8 +464,10 @@ class Deployer:
         merged["PREVIEW"] = "1"
         merged["PREVIEW_URL"] = ("https://%s" % merged["DOMAIN"] if merged["DOMAIN"]
                                  else "http://127.0.0.1:%d" % port)
-        if record.get("pr"):
-            merged["PR_NUMBER"] = str(record["pr"])
+        # From the name, so that a redeploy or a resumed deploy keeps it too.
+        number = re.fullmatch(r"pr-([0-9]+)", env)
+        if number:
+            merged["PR_NUMBER"] = number.group(1)
         return merged
 
     def sync_routes(self, record, overrides=None):
@@ -938,6 +949,7 @@ def scan_compose_config(text, port):
     Docker socket or a mount of the host's root give a pull request the host.
     """
     problems, service, section, in_services = [], None, None, False
+    items = []      # (service, text) of every list item under ports:
     for raw in text.splitlines():
         line = raw.strip()
         indent = len(raw) - len(raw.lstrip(" "))
@@ -964,8 +976,41 @@ def scan_compose_config(text, port):
                 problems.append("service %s asks for %s: host, which previews may "
                                 "not have" % (service, key))
             continue
+        if section == "ports":
+            if line.startswith("-"):
+                items.append((service, line[1:].strip()))
+            elif items:
+                items[-1] = (service, items[-1][1] + "\n" + line)
         problems.extend(_section_problem(service, section, line, port))
+    for service, item in items:
+        problems.extend(_port_problem(service, item))
     return problems
+
+
+_SHORT_PORT_RE = re.compile(
+    r"^['\"]?(?:(\[[^\]]*\]|\d+\.[\d.]+):)?(?:(\d+(?:-\d+)?):)?\d+(?:-\d+)?(?:/\w+)?['\"]?$")
+
+
+def _port_problem(service, item):
+    """Return why one rendered ports: item publishes beyond 127.0.0.1, if it does."""
+    fields = dict(_field(line) for line in item.splitlines() if ":" in line)
+    if "target" in fields:
+        host_ip, published = fields.get("host_ip", ""), fields.get("published")
+    else:
+        match = _SHORT_PORT_RE.match(item)
+        if match is None:
+            return ["service %s: cannot read its port %r" % (service, item[:60])]
+        host_ip, published = (match.group(1) or "").strip("[]"), match.group(2)
+    if host_ip in ("127.0.0.1", "::1"):
+        return []
+    return ["service %s publishes %s on every interface, past the host's firewall: "
+            "publish \"127.0.0.1:${PORT}:<container port>\" instead"
+            % (service, "port %s" % published if published else "a random port")]
+
+
+def _field(line):
+    key, _, value = line.partition(":")
+    return key.strip(), value.strip().strip("'\"")
 
 
 def _section_problem(service, section, line, port):
@@ -1002,6 +1047,7 @@ def deploy_compose(ctx, facts):
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
     facts["started"] = True
+    check_loopback_ports(ctx)
     ctx.dlog.blank()
     try:
         check_health(ctx)
@@ -1016,6 +1062,38 @@ def deploy_compose(ctx, facts):
                               % (e, old_sha[:12], again)) from None
         facts["started"] = False
         raise DeployError("%s; rolled back to %s" % (e, old_sha[:12])) from None
+
+
+_LOOPBACK_RE = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|::1):")
+
+
+def check_loopback_ports(ctx):
+    """Take the project down if Docker publishes one of its ports beyond loopback.
+
+    Docker's published ports go around the host's firewall, so an app must be
+    reached through 127.0.0.1 (and the proxy) only.  PUBLIC_PORTS=on in the
+    app's .env allows it for an operator who means it.
+    """
+    if ctx.settings.get("PUBLIC_PORTS", "off").strip().lower() in ("on", "yes", "1",
+                                                                   "true"):
+        return
+    code, out = _quiet(["docker", "ps", "--filter",
+                        "label=com.docker.compose.project=%s" % ctx.project,
+                        "--format", "{{.Names}}\t{{.Ports}}"])
+    if code != 0:
+        return
+    exposed = []
+    for line in out.splitlines():
+        name, _, ports = line.partition("\t")
+        exposed += ["%s %s" % (name, p.strip()) for p in ports.split(",")
+                    if "->" in p and not _LOOPBACK_RE.match(p.strip())]
+    if not exposed:
+        return
+    ctx.dlog.step("publishes ports beyond 127.0.0.1: %s" % "; ".join(exposed))
+    compose_down(ctx.deployer, ctx.app, ctx.env, ctx.dlog)
+    raise DeployError("%s: published on every interface, past the host's firewall; "
+                      "publish \"127.0.0.1:${PORT}:<container port>\" (or set "
+                      "PUBLIC_PORTS=on)" % exposed[0])
 
 
 def rollback_compose(ctx, sha):
@@ -1052,6 +1130,17 @@ def compose_down(deployer, app, env, dlog, volumes=False):
     project = compose_project(app, env)
     if shutil.which("docker") is None:
         return
+    _compose_down(deployer, app, env, dlog, project, volumes)
+    if volumes:
+        # A project stopped earlier has no containers left, but its volumes.
+        code, names = _quiet(["docker", "volume", "ls", "-q", "--filter",
+                              "label=com.docker.compose.project=%s" % project])
+        if code == 0 and names:
+            run_command(["docker", "volume", "rm", "--force"] + names.split(), dlog,
+                        timeout=120)
+
+
+def _compose_down(deployer, app, env, dlog, project, volumes):
     code, ids = _quiet(["docker", "ps", "-aq", "--filter",
                         "label=com.docker.compose.project=%s" % project])
     if code != 0 or not ids:

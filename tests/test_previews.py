@@ -243,3 +243,80 @@ def test_preview_compose_that_cannot_run_twice_or_safely_is_refused(
          "label=com.docker.compose.project=dockrune-%s-pr-1" % name],
         capture_output=True, text=True, timeout=60).stdout.split()
     assert containers == []
+
+
+def env_reporting_app(marker):
+    """A compose app that serves what its preview was given, with a named volume."""
+    files = compose_app(marker)
+    files["compose.yaml"] = (
+        "services:\n  web:\n    build: .\n    stop_signal: SIGKILL\n"
+        "    environment: [PREVIEW, PREVIEW_URL, PR_NUMBER, GREETING]\n"
+        "    command: [\"sh\", \"-c\", \"echo \\\"$$PREVIEW $$PR_NUMBER $$PREVIEW_URL "
+        "$$GREETING\\\" > /www/env.txt && exec httpd -f -p 8080 -h /www\"]\n"
+        "    volumes: [\"data:/data\"]\n"
+        "    ports:\n      - \"127.0.0.1:${PORT}:8080\"\n"
+        "volumes:\n  data: {}\n")
+    return files
+
+
+def project_volumes(project):
+    import subprocess
+    return subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter",
+         "label=com.docker.compose.project=%s" % project],
+        capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def api_post(server, path, fields):
+    import urllib.parse
+    import urllib.request
+    request = urllib.request.Request(
+        server.url + "/api/" + path, data=urllib.parse.urlencode(fields).encode(),
+        headers={"Authorization": "Bearer preview-api"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.status, json.load(answer)
+
+
+def test_preview_gets_its_env_and_overrides_and_loses_its_volumes_after_a_stop(
+        base_image, caddy, server_factory, tmp_path):
+    name = "pe-" + secrets.token_hex(3)
+    remote = GitRemote(str(tmp_path / "git"))
+    server = server_factory(DOCKRUNE_API_TOKEN="preview-api", **caddy.settings())
+    write_app(server.home, name, remote, free_port(), DOMAIN=name + ".apps.test",
+              GREETING="production")
+    with open(os.path.join(str(server.home), "apps", name + ".preview.env"), "w") as f:
+        f.write("# every preview of this app\nGREETING=preview\n")
+    project = "dockrune-%s-pr-2" % name
+    repo = "tester/" + name
+    sha = remote.commit(env_reporting_app("env"))
+    server.start()
+    try:
+        code, answer = post_hook(server.url, "pull_request", pr_payload(repo, 2, sha))
+        record = server.wait_deploy(answer["deploy"])
+        assert record["status"] == "live", open(record["log"]).read()
+        domain = "pr-2.%s.apps.test" % name
+        expected = (200, "1 2 https://%s preview\n" % domain)
+        wait_for(lambda: caddy.get(domain, "/env.txt") == expected)
+        assert project_volumes(project) == [project + "_data"]
+
+        # A redeploy through the API has no pull request payload: same env.
+        code, answer = api_post(server, "apps/%s/deploy" % name,
+                                {"environment": "pr-2", "ref": sha})
+        assert code == 202
+        record = server.wait_deploy(answer["deploy"])
+        assert record["status"] == "live", open(record["log"]).read()
+        wait_for(lambda: caddy.get(domain, "/env.txt") == expected)
+
+        # Stopped first, closed later: the volume goes with the teardown.
+        assert api_post(server, "apps/%s/stop" % name, {"environment": "pr-2"})[0] == 202
+        wait_for(lambda: server.status(name, "pr-2")["status"] == "stopped", 60)
+        assert project_volumes(project) == [project + "_data"]
+        code, answer = post_hook(server.url, "pull_request",
+                                 pr_payload(repo, 2, sha, "closed"))
+        assert code == 202
+        wait_for(lambda: project_volumes(project) == [], timeout=60)
+    finally:
+        compose_down(project)
+        import subprocess
+        subprocess.run(["docker", "volume", "rm", "-f", project + "_data"],
+                       capture_output=True, timeout=60)

@@ -48,8 +48,17 @@ def test_routes_from_state_takes_live_environments_with_a_domain():
                          "domain": "b.org", "port": 2},
         "c/production": {"app": "c", "environment": "production", "status": "live",
                          "domain": None, "port": 3},
+        # Redeploying while the old version serves: keeps its route.
+        "d/production": {"app": "d", "environment": "production",
+                         "status": "deploying", "serving": True,
+                         "domain": "d.org", "port": 4},
+        # Deploying after a stop: nothing answers yet.
+        "e/production": {"app": "e", "environment": "production",
+                         "status": "deploying", "serving": False,
+                         "domain": "e.org", "port": 5},
     }
-    assert [r["domain"] for r in proxy.routes_from_state(envs)] == ["a.org"]
+    assert sorted(r["domain"] for r in proxy.routes_from_state(envs)) == [
+        "a.org", "d.org"]
 
 
 def test_live_app_is_routed_through_caddy_and_unrouted_when_stopped(

@@ -324,3 +324,72 @@ def test_reconcile_asks_about_pull_requests_and_keeps_what_it_cannot_tell(tmp_pa
     stale = runners.stale_previews(st, time.time(), state)
     assert [(e, r) for _, e, r in stale] == [("pr-1", "pull request #1 is closed")]
     assert sorted(asked) == [("o/blog", 1), ("o/blog", 2), ("o/blog", 3)]
+
+
+# As `docker-compose config` (v1) and `docker compose config` (v2) render ports.
+V1_PORTS = ("services:\n  web:\n    build: .\n    ports:\n"
+            "    - 127.0.0.1:9100:8080/tcp\n    - '[::1]:9100:8081/tcp'\n%s"
+            "version: '3'\n")
+V2_PORTS = ("name: x\nservices:\n  web:\n    ports:\n"
+            "      - mode: ingress\n        host_ip: 127.0.0.1\n        target: 8080\n"
+            "        published: \"9100\"\n        protocol: tcp\n%s")
+
+
+@pytest.mark.parametrize("text,problem", [
+    (V1_PORTS % "", None),
+    (V2_PORTS % "", None),
+    (V1_PORTS % "    - 9100:8082/tcp\n", "publishes port 9100 on every interface"),
+    (V1_PORTS % "    - 0.0.0.0:9100:8082/tcp\n", "publishes port 9100 on every"),
+    (V1_PORTS % "    - 8082/tcp\n", "publishes a random port on every interface"),
+    (V2_PORTS % ("      - mode: ingress\n        target: 8082\n"
+                 "        published: \"9100\"\n        protocol: tcp\n"),
+     "publishes port 9100 on every interface"),
+    (V2_PORTS % ("      - mode: ingress\n        host_ip: 0.0.0.0\n        target: 8082\n"
+                 "        published: \"9100\"\n        protocol: tcp\n"),
+     "publishes port 9100 on every interface"),
+])
+def test_scan_compose_config_refuses_ports_beyond_loopback(text, problem):
+    problems = runners.scan_compose_config(text, 9100)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0], problems
+        assert "127.0.0.1:${PORT}:<container port>" in problems[0]
+
+
+class LogLines:
+    def __init__(self):
+        self.lines = []
+
+    def step(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("ports,settings,exposed", [
+    ("127.0.0.1:9100->8080/tcp", {}, False),
+    ("[::1]:9100->8080/tcp, 127.0.0.1:9100->8080/tcp", {}, False),
+    ("8080/tcp", {}, False),        # exposed in the image, published nowhere
+    ("0.0.0.0:9100->8080/tcp, :::9100->8080/tcp", {}, True),
+    ("0.0.0.0:9100->8080/tcp", {"PUBLIC_PORTS": "on"}, False),
+])
+def test_ports_published_beyond_loopback_take_the_project_down(
+        monkeypatch, ports, settings, exposed):
+    import types
+    asked, downs = [], []
+    monkeypatch.setattr(runners, "_quiet", lambda argv, **kw: (
+        asked.append(argv) or (0, "dockrune-shop-web-1\t" + ports)))
+    monkeypatch.setattr(runners, "compose_down", lambda *a, **kw: downs.append(a))
+    ctx = types.SimpleNamespace(settings=settings, project="dockrune-shop",
+                                dlog=LogLines(), deployer=None, app="shop",
+                                env="production")
+    if not exposed:
+        runners.check_loopback_ports(ctx)
+        assert downs == []
+        return
+    with pytest.raises(runners.DeployError) as caught:
+        runners.check_loopback_ports(ctx)
+    assert "dockrune-shop-web-1 0.0.0.0:9100->8080/tcp" in str(caught.value)
+    assert "PUBLIC_PORTS=on" in str(caught.value)
+    assert asked[0][-3:] == ["label=com.docker.compose.project=dockrune-shop",
+                             "--format", "{{.Names}}\t{{.Ports}}"]
+    assert len(downs) == 1
