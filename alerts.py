@@ -42,9 +42,9 @@ GITHUB_API_VERSION = "2022-11-28"
 TARGETS = ("github", "coach-artie", "discord", "n8n")
 ALERT_TARGETS = ("coach-artie", "discord", "n8n")
 EVENTS = ("deploy_failed", "deploy_succeeded", "recovered", "preview_ready",
-          "app_down", "app_up")
-DEFAULT_RULES = {"coach-artie": "deploy_failed,recovered,app_down,app_up",
-                 "discord": "deploy_failed,recovered,app_down,app_up",
+          "app_down", "app_up", "app_crashed")
+DEFAULT_RULES = {"coach-artie": "deploy_failed,recovered,app_down,app_up,app_crashed",
+                 "discord": "deploy_failed,recovered,app_down,app_up,app_crashed",
                  "n8n": "all"}
 N8N_VERSION = 1
 STATUS_LIMIT = 140          # GitHub: a status description is at most 140 chars
@@ -821,15 +821,17 @@ BUILT_IN_TEMPLATES = {
                      "${preview_url}: ${short_sha} in ${duration}.",
     "app_down": "${app} (${environment}) is down at ${url}: ${error}",
     "app_up": "${app} (${environment}) is back up at ${url}.",
+    "app_crashed": "${app} (${environment}) crashed at ${short_sha}: ${error}",
     "test": "Test alert from dockrune: if you read this, ${target} works.",
 }
 TITLES = {"deploy_failed": "❌ %s: deploy failed", "deploy_succeeded": "✅ %s: live",
           "recovered": "✅ %s: recovered", "preview_ready": "🔍 %s: preview ready",
           "app_down": "🔥 %s: down", "app_up": "✅ %s: back up",
+          "app_crashed": "💥 %s: crashed",
           "test": "🧪 %s: test alert"}
 COLOURS = {"deploy_failed": 0xE74C3C, "deploy_succeeded": 0x2ECC71,
            "recovered": 0x2ECC71, "preview_ready": 0x3498DB, "app_down": 0xE74C3C,
-           "app_up": 0x2ECC71, "test": 0x95A5A6}
+           "app_up": 0x2ECC71, "app_crashed": 0xE67E22, "test": 0x95A5A6}
 DISCORD = {"content": 2000, "title": 256, "description": 4096, "fields": 25,
            "field_name": 256, "field_value": 1024, "footer": 2048, "author": 256,
            "total": 6000}
@@ -955,6 +957,8 @@ class Notifier:
             return
         if alert in ("app_down", "app_up"):
             record = self._health_record(alert, record)
+        elif alert == "app_crashed":
+            record = self._crash_record(record)
         values = None
         for target in self.targets():
             if alert not in self.rules(target, record.get("app")):
@@ -969,6 +973,8 @@ class Notifier:
             return "deploy_failed"
         if event in ("app-down", "app-up"):     # from the health checker
             return event.replace("-", "_")
+        if event == "process_exited":           # from the supervisor
+            return "app_crashed"
         if event != "live":
             return None
         if self._failed_before(record):
@@ -996,6 +1002,21 @@ class Notifier:
         if not record.get("repo"):
             try:
                 record["repo"] = (self.store.load_app(info["app"]) or {}).get("REPO")
+            except store.EnvFileError:
+                pass
+        return record
+
+    def _crash_record(self, spec):
+        """Return the deploy record of a process the supervisor found dead."""
+        record = dict(self.store.deploy(spec.get("deploy") or "") or {})
+        # Only these: a process's spec also holds its whole environment.
+        record.update(app=spec.get("app"), environment=spec.get("environment"),
+                      sha=spec.get("sha") or record.get("sha"), status="crashed",
+                      error="exited (pid %s); the supervisor restarts it"
+                      % spec.get("pid"), duration=None)
+        if not record.get("repo"):
+            try:
+                record["repo"] = (self.store.load_app(record["app"]) or {}).get("REPO")
             except store.EnvFileError:
                 pass
         return record

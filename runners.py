@@ -911,11 +911,13 @@ def _quiet(argv, timeout=60, env=None):
 # -- compose: replaced in place, the previous sha brought back on failure ----------
 
 
-def check_preview_compose(ctx, compose_file):
+def check_preview_compose(ctx, compose_file, loopback=True):
     """Refuse a preview's compose file that cannot run twice or is not safe.
 
     The file is read as `docker compose config` renders it (variables filled
     in).  Its output may hold the app's secrets, so it is never logged.
+    loopback=False: ports beyond 127.0.0.1 are allowed (a swarm's host-mode
+    ports cannot bind it).
     """
     ctx.dlog.step("checking %s for a preview" % compose_file)
     argv = compose_command() + ["-f", compose_file, "-p", ctx.project, "config"]
@@ -930,7 +932,8 @@ def check_preview_compose(ctx, compose_file):
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]
         raise DeployError("%s exited %d: %s" % (" ".join(argv), done.returncode,
                                                ctx.dlog.redact(" | ".join(tail))))
-    problems = scan_compose_config(done.stdout.decode("utf-8", "replace"), ctx.port)
+    problems = list(dict.fromkeys(scan_compose_config(
+        done.stdout.decode("utf-8", "replace"), ctx.port, loopback)))
     if problems:
         raise DeployError("; ".join(problems))
 
@@ -941,7 +944,7 @@ _PUBLISHED_RE = re.compile(r"published:\s*['\"]?(\d+)|"
 _BIND_RE = re.compile(r"^-\s*['\"]?(/[^:'\"]*):|source:\s*['\"]?(/[^'\"\s]*)")
 
 
-def scan_compose_config(text, port):
+def scan_compose_config(text, port, loopback=True):
     """Return what makes a rendered compose config unfit for a preview.
 
     A host port other than the preview's own PORT cannot be published twice;
@@ -982,7 +985,7 @@ def scan_compose_config(text, port):
             elif items:
                 items[-1] = (service, items[-1][1] + "\n" + line)
         problems.extend(_section_problem(service, section, line, port))
-    for service, item in items:
+    for service, item in items if loopback else ():
         problems.extend(_port_problem(service, item))
     return problems
 
@@ -1027,19 +1030,37 @@ def _section_problem(service, section, line, port):
                     % service]
         match = _BIND_RE.search(line)
         source = match and (match.group(1) or match.group(2))
-        if source and os.path.normpath(source) == "/":
+        top = source and "/" + os.path.normpath(source).strip("/")
+        if top == "/":
             return ["service %s mounts the host's root, which previews may not"
                     % service]
+        if top and any(top == d or top.startswith(d + "/") for d in _HOST_DIRS):
+            return ["service %s mounts the host's %s, which previews may not"
+                    % (service, top)]
+    if section == "devices":
+        return ["service %s asks for host devices, which previews may not have"
+                % service]
+    if section == "cap_add" and line.strip("-'\" ").upper() in _HOST_CAPS:
+        return ["service %s asks for the capability %s, which previews may not have"
+                % (service, line.strip("-'\" "))]
     return []
+
+
+# Host directories a preview may not mount: the system, and Docker's socket.
+_HOST_DIRS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/root", "/run", "/var/run",
+              "/var/lib/docker", "/usr", "/bin", "/sbin", "/lib")
+_HOST_CAPS = ("ALL", "SYS_ADMIN", "SYS_MODULE", "SYS_PTRACE", "SYS_RAWIO", "NET_ADMIN",
+              "DAC_READ_SEARCH")
 
 
 def deploy_compose(ctx, facts):
     """Bring the compose project up; if it fails its health check, roll back."""
-    if ctx.env != "production":
-        check_preview_compose(ctx, find_compose_file(ctx.checkout))
-        ctx.dlog.blank()
     import swarm    # here: swarm builds on this module's steps
-    if swarm.engine_of(ctx.settings, ctx.global_settings) == "swarm":
+    on_swarm = swarm.engine_of(ctx.settings, ctx.global_settings) == "swarm"
+    if ctx.env != "production":
+        check_preview_compose(ctx, find_compose_file(ctx.checkout), not on_swarm)
+        ctx.dlog.blank()
+    if on_swarm:
         return swarm.deploy_stack(ctx, facts)
     if (ctx.store.environment(ctx.app, ctx.env) or {}).get("engine"):
         ctx.store.update_environment(ctx.app, ctx.env, engine=None)
@@ -1180,6 +1201,7 @@ def container_name(app, env, slot="live"):
 def deploy_dockerfile(ctx, facts):
     """Build the image, try it on a second port, then let it replace the old one."""
     image = image_name(ctx.app, ctx.sha)
+    check_docker(ctx)
     build_image(ctx, image)
     inner = container_port(ctx, image)
     ctx.dlog.blank()

@@ -348,3 +348,24 @@ def test_coach_artie_template_that_renders_to_nothing_falls_back_to_built_in(
     (content,) = targets["coach-artie"].contents()
     assert content.startswith("Deploy of shop (production) failed at ")
     assert targets["coach-artie"].problems == []
+
+
+def test_process_found_dead_by_the_supervisor_alerts_every_target(started, targets):
+    st, box = started()
+    record = simulate(st, box, outcome="live")
+    spec = {"app": "shop", "environment": "production", "slot": "live", "pid": 4242,
+            "sha": SHA1, "deploy": record["id"], "port": 8123, "kind": "procfile",
+            "argv": ["node", "server.js"], "env": {"SESSION_KEY": "app-secret-value"}}
+    box.notify("process_exited", spec)
+    box.notify("process_restarted", dict(spec, pid=4243))
+    assert box.outbox.flush(10)
+    assert targets["coach-artie"].contents() == [
+        "shop (production) crashed at %s: exited (pid 4242); the supervisor "
+        "restarts it" % SHA1[:7]]
+    assert [b["embeds"][0]["title"] for b in targets["discord"].bodies()] == [
+        "💥 shop: crashed"]
+    docs = targets["n8n"].documents()
+    assert [d["event"] for d in docs] == ["deploy_succeeded", "app_crashed"]
+    assert docs[1]["status"] == "crashed" and docs[1]["repo"] == "octo/shop"
+    for target in targets.values():
+        assert "app-secret-value" not in json.dumps([r["body"] for r in target.requests])

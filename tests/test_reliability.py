@@ -165,6 +165,33 @@ def test_docker_engine_down_fails_fast_and_leaves_running_apps_alone(
     assert http_get("http://127.0.0.1:%d/" % port) == (200, "newer\n")
 
 
+
+@pytest.mark.parametrize("kind", ["compose", "dockerfile"])
+def test_docker_engine_down_names_itself_for_every_docker_kind_and_alerts(
+        docker_engine, tmp_path, remote, monkeypatch, kind):
+    monkeypatch.setenv("DOCKER_HOST", "unix://%s" % (tmp_path / "no-docker.sock"))
+    settings = make_settings(tmp_path / "home")
+    st = store.Store(settings.home)
+    st.ensure_dirs()
+    files = compose_app("x")
+    if kind == "dockerfile":
+        del files["compose.yaml"]
+    sha = remote.commit(files)
+    with open(st.app_path("nodocker"), "w") as f:
+        f.write("REPO=t/nodocker\nGIT_URL=%s\nPORT=%d\n" % (remote.bare, free_port()))
+    events = []
+    deployer = runners.Deployer(st, settings,
+                                notify=lambda event, record: events.append(event))
+    record = deployer.new_deploy("nodocker", "production", sha, "main", "push")
+
+    result = deployer.run_deploy(record)
+
+    assert result["status"] == "failed"
+    assert result["kind"] == kind
+    assert result["error"].startswith("Docker engine not reachable"), result["error"]
+    assert events[-1] == "failed"
+
+
 # -- crashes --
 
 

@@ -393,3 +393,36 @@ def test_ports_published_beyond_loopback_take_the_project_down(
     assert asked[0][-3:] == ["label=com.docker.compose.project=dockrune-shop",
                              "--format", "{{.Names}}\t{{.Ports}}"]
     assert len(downs) == 1
+
+
+@pytest.mark.parametrize("service,problem", [
+    ("    volumes:\n    - /var/run:/x:rw\n", "mounts the host's /var/run"),
+    ("    volumes:\n    - /var/lib/docker/volumes:/v:rw\n",
+     "mounts the host's /var/lib/docker/volumes"),
+    ("    volumes:\n      - type: bind\n        source: //\n        target: /host\n",
+     "mounts the host's root"),
+    ("    volumes:\n      - type: bind\n        source: /etc\n        target: /e\n"
+     "        bind:\n          create_host_path: true\n", "mounts the host's /etc"),
+    ("    cap_add:\n    - ALL\n", "asks for the capability ALL"),
+    ("    cap_add:\n    - SYS_ADMIN\n", "asks for the capability SYS_ADMIN"),
+    ("    devices:\n    - /dev/sda:/dev/sda\n", "asks for host devices"),
+    ("    pid: host\n", "asks for pid: host"),
+    ("    volumes:\n    - /srv/shop/uploads:/data:rw\n", None),
+    ("    volumes:\n      - type: volume\n        source: data\n        target: /d\n",
+     None),
+    ("    cap_add:\n    - NET_BIND_SERVICE\n", None),
+])
+def test_scan_compose_config_refuses_what_gives_a_preview_the_host(service, problem):
+    problems = runners.scan_compose_config(
+        "services:\n  web:\n    build: .\n" + service, 9100)
+    if problem is None:
+        assert problems == []
+    else:
+        assert problems and problem in problems[0], problems
+
+
+def test_scan_compose_config_leaves_ports_to_a_swarm():
+    text = V2_PORTS % ("      - mode: host\n        target: 8082\n"
+                       "        published: \"9100\"\n        protocol: tcp\n")
+    assert runners.scan_compose_config(text, 9100)
+    assert runners.scan_compose_config(text, 9100, loopback=False) == []
