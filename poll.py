@@ -68,14 +68,15 @@ def poll_enabled(global_settings, app_settings):
 # -- asking the remotes -------------------------------------------------------------
 
 
-def list_heads(url, patterns, token, timeout=GIT_TIMEOUT):
+def list_heads(url, patterns, token, timeout=GIT_TIMEOUT,
+               token_base="https://github.com"):
     """Return ({ref: sha}, {symref: target}) of url's refs matching patterns.
 
     Runs `git ls-remote --symref`, so that "HEAD" names the default branch.
     Raises PollError when git fails or takes longer than timeout seconds.
     """
     argv = ["git", "ls-remote", "--symref", "--", url] + list(patterns)
-    env = runners.git_environment(url, token)
+    env = runners.git_environment(url, token, token_base)
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -243,7 +244,8 @@ class Poller:
         branches = sorted({s.get("BRANCH") or "HEAD" for _a, s in members})
         patterns = ["HEAD" if b == "HEAD" else "refs/heads/" + b for b in branches]
         try:
-            refs, symrefs = list_heads(url, patterns, self.settings.github_token)
+            refs, symrefs = list_heads(url, patterns, self.settings.github_token,
+                                         token_base=self.settings.git_base_url)
         except PollError as e:
             wait = self._failed("git:" + url, now, e)
             for app, _s in members:

@@ -676,19 +676,22 @@ def _seconds(settings, key, default):
 # -- steps ------------------------------------------------------------------------
 
 
-def git_environment(git_url, token):
+def git_environment(git_url, token, token_base="https://github.com"):
     """Return the environment for git: no prompts, few protocols, token in env.
 
     The token travels as an http extraheader given through GIT_CONFIG_*
-    variables, so it is never part of a URL, an argv or .git/config.
+    variables, so it is never part of a URL, an argv or .git/config; and only
+    to the host it belongs to (token_base, DOCKRUNE_GIT_BASE_URL), never to
+    another https remote an app's GIT_URL names.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKRUNE_")}
     env.update(GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL="https:ssh:file",
                GIT_ASKPASS="true", SSH_ASKPASS="true")
-    if token and git_url.startswith("https://"):
+    host = "/".join(git_url.split("/", 3)[:3]) + "/"
+    if token and git_url.startswith("https://") and host.lower() == (
+            "/".join(token_base.split("/", 3)[:3]) + "/").lower():
         import base64
         basic = base64.b64encode(("x-access-token:%s" % token).encode()).decode()
-        host = "/".join(git_url.split("/", 3)[:3]) + "/"
         env.update(GIT_CONFIG_COUNT="1",
                    GIT_CONFIG_KEY_0="http.%s.extraheader" % host,
                    GIT_CONFIG_VALUE_0="Authorization: Basic %s" % basic)
@@ -711,7 +714,8 @@ def fetch_source(ctx):
     """Fetch exactly the deploy's sha into the checkout and check it out detached."""
     ctx.dlog.step("fetching %s" % (ctx.sha or ctx.record.get("ref") or "the branch"))
     url = git_url_for(ctx.settings, ctx.global_settings)
-    env = git_environment(url, ctx.global_settings.github_token)
+    env = git_environment(url, ctx.global_settings.github_token,
+                          ctx.global_settings.git_base_url)
     if not os.path.isdir(os.path.join(ctx.checkout, ".git")):
         os.makedirs(ctx.checkout, exist_ok=True)
         ctx.run(["git", "init", "--quiet", "--", ctx.checkout], env=env)

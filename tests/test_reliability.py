@@ -435,16 +435,21 @@ def test_hostile_input_never_runs_anything(base_image, server_factory, tmp_path,
     assert not canary.exists()
 
 
-def test_git_url_with_a_dangerous_transport_is_refused(server_factory, tmp_path):
+@pytest.mark.parametrize("url,transport", [
+    ("'ext::sh -c touch%% %s'", "ext"),
+    # git itself allows git:// by default: only dockrune's limit refuses it.
+    ("git://127.0.0.1:1/x.git?%s", "git"),
+])
+def test_git_url_with_a_dangerous_transport_is_refused(
+        server_factory, tmp_path, url, transport):
     canary = tmp_path / "canary"
     server = server_factory()
     os.makedirs(str(server.home / "apps"))
     with open(str(server.home / "apps" / "ext.env"), "w") as f:
-        f.write("REPO=t/ext\nPORT=%d\nGIT_URL='ext::sh -c touch%% %s'\n"
-                % (free_port(), canary))
+        f.write("REPO=t/ext\nPORT=%d\nGIT_URL=%s\n" % (free_port(), url % canary))
     done = server.cli("deploy", "ext", "--ref", "a" * 40, check=False)
     assert done.returncode != 0
-    assert "transport 'ext' not allowed" in done.stderr
+    assert "transport '%s' not allowed" % transport in done.stderr
     assert not canary.exists()
 
 

@@ -220,8 +220,15 @@ def test_git_environment_carries_token_outside_url_and_argv():
     assert env["GIT_CONFIG_VALUE_0"].startswith("Authorization: Basic ")
     assert "ghp_secret" not in env["GIT_CONFIG_VALUE_0"]
     assert not any(k.startswith("DOCKRUNE_") for k in env)
+    assert env["GIT_ALLOW_PROTOCOL"] == "https:ssh:file"
     local = runners.git_environment("/srv/git/r.git", "ghp_secret")
     assert "GIT_CONFIG_COUNT" not in local
+    # The GitHub token goes to GitHub (or the configured base) only.
+    elsewhere = runners.git_environment("https://gitlab.example/o/r.git", "ghp_secret")
+    assert not [v for v in elsewhere.values() if "Authorization" in v]
+    enterprise = runners.git_environment("https://git.corp.example/o/r.git",
+                                         "ghp_secret", "https://git.corp.example")
+    assert enterprise["GIT_CONFIG_KEY_0"] == "http.https://git.corp.example/.extraheader"
 
 
 def test_git_url_defaults_to_github_and_refuses_option_like_urls():
