@@ -653,7 +653,9 @@ class Store:
         the ones that were cut short, which the caller may deploy afresh.
         """
         with self.lock:
-            removed = remove_temp_files(self.state_dir)
+            # Not src/ or releases/: what is there belongs to the apps.
+            removed = sum(remove_temp_files(d) for d in (
+                self.state_dir, self.run_dir, os.path.join(self.home, "caddy")))
             if removed:
                 log.warning("removed %d temporary files left by a crash", removed)
             requeue, interrupted = [], []
@@ -670,7 +672,8 @@ class Store:
                     requeue.append(record)
                 status = summary.get("status")
                 if status == "deploying":
-                    status = "live" if summary.get("live_deploy") else "failing"
+                    serving = summary.get("serving", bool(summary.get("live_deploy")))
+                    status = "live" if serving else "failing"
                 self.update_environment(app, env, running=None, status=status)
             return requeue, interrupted
 

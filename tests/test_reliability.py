@@ -198,14 +198,15 @@ def test_docker_engine_down_names_itself_for_every_docker_kind_and_alerts(
 def state_files_parse(home):
     """Parse every state file; return the names of temporary files found."""
     leftovers = []
-    for root, _dirs, files in os.walk(os.path.join(str(home), "state")):
-        for name in files:
-            path = os.path.join(root, name)
-            if name.startswith(".tmp-"):
-                leftovers.append(path)
-                continue
-            with open(path) as f:
-                json.load(f)
+    for part in ("state", "run", "caddy"):
+        for root, _dirs, files in os.walk(os.path.join(str(home), part)):
+            for name in files:
+                path = os.path.join(root, name)
+                if name.startswith(".tmp-"):
+                    leftovers.append(path)
+                elif part == "state" or name.endswith(".json"):
+                    with open(path) as f:
+                        json.load(f)
     return leftovers
 
 

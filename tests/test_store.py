@@ -255,8 +255,17 @@ def test_recover_marks_running_interrupted_and_returns_queued(st):
                           status="deploying", live_deploy="earlier")
     queued = st.new_deploy("b", "production", "2" * 40, "main", "push")
     st.update_environment("b", "production", queued=queued["id"], status="deploying")
-    with open(os.path.join(st.state_dir, ".tmp-leftover"), "w") as f:
-        f.write("{")
+    # Deployed after a stop: nothing served when the crash came.
+    st.update_environment("c", "production", status="deploying", serving=False,
+                          live_deploy="before-the-stop")
+    leftovers = [os.path.join(st.state_dir, ".tmp-leftover"),
+                 os.path.join(st.run_dir, "procs", ".tmp-spec"),
+                 os.path.join(st.home, "caddy", ".tmp-routes")]
+    kept = os.path.join(st.src_dir, "a", "production", ".tmp-belongs-to-the-app")
+    for path in leftovers + [kept]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("{")
 
     requeue, interrupted = st.recover()
 
@@ -265,7 +274,9 @@ def test_recover_marks_running_interrupted_and_returns_queued(st):
     assert st.deploy(running["id"])["status"] == "interrupted"
     assert st.environment("a", "production")["status"] == "live"
     assert st.environment("a", "production")["running"] is None
-    assert not os.path.exists(os.path.join(st.state_dir, ".tmp-leftover"))
+    assert st.environment("c", "production")["status"] == "failing"
+    assert [p for p in leftovers if os.path.exists(p)] == []
+    assert os.path.exists(kept)
 
 
 def test_update_environment_is_safe_from_many_threads(st):
