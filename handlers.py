@@ -890,7 +890,13 @@ def branch_environment(settings, branch):
         name = store.sanitize_name("branch-" + branch)
     except ValueError:
         return None
-    return name if name != "branch" else None
+    if name == "branch":
+        return None
+    if len(name) == store.MAX_NAME:
+        # Cut short: two long branches alike at the start must not share one.
+        digest = hashlib.sha256(branch.encode("utf-8", "replace")).hexdigest()[:8]
+        name = "%s-%s" % (name[:store.MAX_NAME - 9].rstrip("-"), digest)
+    return name
 
 
 def _switch_on(value):

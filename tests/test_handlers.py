@@ -317,6 +317,12 @@ def test_branch_environment_survives_hostile_names():
     assert handlers.branch_environment(settings, "$(id)") == "branch-id"
     assert handlers.branch_environment(settings, "..") is None
     assert handlers.branch_environment({}, "main") is None
+    # Long names are cut, and two that differ only past the cut stay apart.
+    one = handlers.branch_environment(settings, "feature/" + "x" * 290 + "-one")
+    two = handlers.branch_environment(settings, "feature/" + "x" * 290 + "-two")
+    assert one != two
+    assert store.is_name(one) and store.is_name(two)
+    assert one.startswith("branch-feature-xxx")
 
 
 def test_repeated_delivery_is_acknowledged_once_and_deployed_once(h):

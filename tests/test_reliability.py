@@ -279,6 +279,26 @@ def test_resume_off_marks_interrupted_and_deploys_nothing(tmp_path):
         daemon.stop()
 
 
+def test_resume_deploys_an_interrupted_deploy_afresh(tmp_path):
+    import dockrune
+    settings = make_settings(tmp_path, DOCKRUNE_WORKERS="0")     # queue, run nothing
+    daemon = dockrune.Daemon(settings)
+    record = daemon.deployer.new_deploy("cut", "production", "1" * 40, "main", "push")
+    daemon.store.update_deploy(record["id"], status="running")
+    daemon.store.update_environment("cut", "production", running=record["id"],
+                                    queued=None, status="deploying")
+    daemon.start()
+    try:
+        assert daemon.store.deploy(record["id"])["status"] == "interrupted"
+        newest = daemon.store.history("cut")[0]
+        assert (newest["trigger"], newest["resumes"], newest["sha"]) == (
+            "resume", record["id"], "1" * 40)
+        assert daemon.runner.holds_sha("cut", "production", "1" * 40)
+        assert daemon.store.environment("cut", "production")["queued"] == newest["id"]
+    finally:
+        daemon.stop()
+
+
 def test_kill_leftovers_finds_processes_by_their_deploy_mark():
     import subprocess
     marked = subprocess.Popen(["sleep", "60"], env=dict(
