@@ -47,8 +47,9 @@ def site_address(domain, template):
 def render_routes(routes, template="{domain}", own=None):
     """Return the Caddyfile text for routes, sorted so that output is stable.
 
-    routes: dicts with "domain" and either "port" (reverse_proxy to
-    127.0.0.1:port) or "root" (a static folder, served by file_server).
+    routes: dicts with "domain" and "port" (reverse_proxy to 127.0.0.1:port).
+    Static sites too: dockrune's own static server keeps its rules (no
+    listing, no dotfiles, no symlink out) behind the proxy.
     own: optional (domain, "host:port") for dockrune's own webhook and admin.
     Routes whose domain is not a plain host name are skipped and logged:
     nothing from outside may reach this file unchecked.
@@ -72,11 +73,6 @@ def render_routes(routes, template="{domain}", own=None):
 
 def _site_block(route, address):
     label = "# %s/%s\n" % (route.get("app", "?"), route.get("environment", "-"))
-    if route.get("root"):
-        root = route["root"]
-        if not os.path.isabs(root) or any(c in root for c in '"{}\n\\'):
-            raise ProxyError("static root %r cannot go into a Caddyfile" % root)
-        return '%s%s {\n\troot * "%s"\n\tfile_server\n}\n' % (label, address, root)
     upstream = route.get("upstream") or "127.0.0.1:%d" % int(route["port"])
     return "%s%s {\n\treverse_proxy %s\n}\n" % (label, address, upstream)
 
@@ -94,11 +90,7 @@ def routes_from_state(environments):
             status == "deploying" and summary.get("serving"))
         if not serving or not summary.get("domain"):
             continue
-        if summary.get("static_root"):
-            routes.append({"domain": summary["domain"], "root": summary["static_root"],
-                           "app": summary["app"],
-                           "environment": summary["environment"]})
-        elif summary.get("port"):
+        if summary.get("port"):
             routes.append({"domain": summary["domain"], "port": summary["port"],
                            "app": summary["app"],
                            "environment": summary["environment"]})

@@ -1621,6 +1621,10 @@ def hand_over(ctx, second, switch, stop_next):
             ctx.deployer.sync_routes(ctx.record, {(ctx.app, ctx.env): {
                 "port": ctx.port, "domain": ctx.domain}})
             ctx.dlog.step("%s routed to port %d again" % (ctx.domain, ctx.port))
+            left = wait_drained(second, _seconds(ctx.settings, "DRAIN_TIMEOUT", 5))
+            if left:
+                ctx.dlog.line("%d connections to port %d still open: stopping it "
+                              "anyway (DRAIN_TIMEOUT)" % (left, second))
             stop_next()
 
 
@@ -1639,6 +1643,38 @@ def _log_runtime_tail(ctx):
         ctx.dlog.line("last lines of %s:" % ctx.log_path(), force=True)
         for line in lines:
             ctx.dlog.line("  " + line, force=True)
+
+
+def wait_drained(port, timeout):
+    """Wait until no TCP connection to local port is open; return how many are.
+
+    The proxy's requests that began before its routes moved finish on the old
+    upstream: the version behind it is stopped only once they are done.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = _established(port)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _established(port, tables=("/proc/net/tcp", "/proc/net/tcp6")):
+    """Count ESTABLISHED connections whose local end is port (Linux /proc)."""
+    count = 0
+    for table in tables:
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # fields[1] is local "ADDR:PORT" in hex, fields[3] the state.
+                    if (len(fields) > 3 and fields[3] == "01"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                        count += 1
+        except (OSError, ValueError):
+            continue
+    return count
 
 
 def wait_port_free(port, timeout=15):

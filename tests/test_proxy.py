@@ -27,17 +27,12 @@ def test_render_routes_skips_domains_that_are_not_plain_host_names(domain):
     assert not domain or domain not in text
 
 
-def test_render_routes_serves_static_roots_and_dockrunes_own_domain():
+def test_render_routes_serves_dockrunes_own_domain():
     text = proxy.render_routes(
-        [{"domain": "docs.example.org", "root": "/srv/docs", "app": "docs"}],
+        [{"domain": "docs.example.org", "port": 8101, "app": "docs"}],
         template="{domain}", own=("deploy.example.org", "127.0.0.1:9000"))
-    assert 'docs.example.org {\n\troot * "/srv/docs"\n\tfile_server\n}' in text
+    assert "docs.example.org {\n\treverse_proxy 127.0.0.1:8101\n}" in text
     assert "deploy.example.org {\n\treverse_proxy 127.0.0.1:9000\n}" in text
-
-
-def test_render_routes_refuses_a_static_root_that_could_break_the_file():
-    with pytest.raises(proxy.ProxyError):
-        proxy.render_routes([{"domain": "a.org", "root": '/x"\n}', "app": "a"}])
 
 
 def test_routes_from_state_takes_live_environments_with_a_domain():

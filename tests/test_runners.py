@@ -433,3 +433,25 @@ def test_scan_compose_config_leaves_ports_to_a_swarm():
                        "        published: \"9100\"\n        protocol: tcp\n")
     assert runners.scan_compose_config(text, 9100)
     assert runners.scan_compose_config(text, 9100, loopback=False) == []
+
+
+def test_wait_drained_waits_for_open_connections_to_close():
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    try:
+        assert runners._established(port) == 1
+        assert runners.wait_drained(port, 0.3) == 1      # still open: gave up
+        threading.Timer(0.3, accepted.close).start()
+        threading.Timer(0.3, client.close).start()
+        started = time.monotonic()
+        assert runners.wait_drained(port, 5) == 0
+        assert 0.2 < time.monotonic() - started < 3
+    finally:
+        client.close()
+        accepted.close()
+        server.close()
