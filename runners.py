@@ -370,7 +370,20 @@ class Deployer:
             dlog.step("deploy failed: internal error (see dockrune's log)")
         finally:
             dlog.close()
-        return self._finish(record, status, error, facts, time.monotonic() - started)
+        try:
+            return self._finish(record, status, error, facts,
+                                time.monotonic() - started)
+        except OSError as e:
+            # A full disk: the state says "deploying" until the next start marks
+            # it interrupted; the people watching hear of it now.
+            log.exception("deploy %s of %s/%s: cannot record its end", deploy_id,
+                          app, env)
+            record = dict(record, **facts)
+            record.update(status="failed", finished_at=store.utcnow(),
+                          error="cannot record the end of the deploy (%s): %s"
+                          % (status, e.strerror or e))
+            self.notify("failed", record)
+            return record
 
     def _finish(self, record, status, error, facts, seconds):
         app, env, deploy_id = record["app"], record["environment"], record["id"]

@@ -132,6 +132,44 @@ def test_full_disk_while_logging_fails_the_deploy_and_not_the_worker(
     assert st.environment("full", "production")["running"] is None
 
 
+
+def test_full_disk_when_a_deploy_ends_still_alerts_and_spares_the_worker(
+        tmp_path, remote, monkeypatch):
+    settings = make_settings(tmp_path / "home")
+    st = store.Store(settings.home)
+    st.ensure_dirs()
+    sha = remote.commit({"index.html": "x\n"})
+    with open(st.app_path("full"), "w") as f:
+        f.write("REPO=t/full\nGIT_URL=%s\nPORT=%d\nTYPE=compose\n"
+                % (remote.bare, free_port()))
+    events = []
+    deployer = runners.Deployer(st, settings, notify=lambda e, r: events.append((e, r)))
+    runner = runners.Runner(deployer, workers=1)
+    runner.start()
+    real = st.update_environment
+
+    def disk_full_at_the_end(app, env, **fields):
+        if "last_deploy" in fields:
+            raise OSError(28, "No space left on device")
+        return real(app, env, **fields)
+
+    monkeypatch.setattr(st, "update_environment", disk_full_at_the_end)
+    try:
+        runner.submit(deployer.new_deploy("full", "production", sha, "main", "push"))
+        assert runner.wait_idle(60)
+        event, record = events[-1]
+        assert event == "failed"
+        assert record["error"].startswith("cannot record the end of the deploy")
+        assert "No space left on device" in record["error"]
+        # The worker is still there for the next job.
+        monkeypatch.setattr(st, "update_environment", real)
+        runner.submit(deployer.new_deploy("full", "production", sha, "main", "push"))
+        assert runner.wait_idle(60)
+        assert events[-1][0] == "failed" and "no compose file" in events[-1][1]["error"]
+    finally:
+        runner.shutdown(5)
+
+
 # -- the Docker engine --
 
 
