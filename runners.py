@@ -78,8 +78,11 @@ class DeployLog:
     step narration goes on, so the end of a deploy is always in its log.
     """
 
-    def __init__(self, path, max_bytes=2_000_000, secrets=()):
+    def __init__(self, path, max_bytes=2_000_000, secrets=(), rotate=False):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if rotate and os.path.exists(path) and os.path.getsize(path) > max_bytes:
+            # A log that every stop appends to keeps one older file, no more.
+            os.replace(path, path + ".1")
         self.path = path
         self.max_bytes = max_bytes
         self.secrets = [s for s in secrets if s and len(s) >= 4]
@@ -501,7 +504,8 @@ class Deployer:
     def run_stop(self, app, env):
         """Stop app/env whatever its kind, and remember it as stopped."""
         dlog = DeployLog(os.path.join(self.store.logs_dir, app, "stop.log"),
-                         self.settings.log_max_bytes, secrets=self.settings.secrets())
+                         self.settings.log_max_bytes, secrets=self.settings.secrets(),
+                         rotate=True)
         try:
             dlog.step("stopping %s (%s)" % (app, env))
             stop_runtimes(self, app, env, dlog, keep=None)
@@ -521,7 +525,8 @@ class Deployer:
         if env == "production":
             raise DeployError("production is stopped, never torn down")
         dlog = DeployLog(os.path.join(self.store.logs_dir, app, "teardown.log"),
-                         self.settings.log_max_bytes, secrets=self.settings.secrets())
+                         self.settings.log_max_bytes, secrets=self.settings.secrets(),
+                         rotate=True)
         try:
             dlog.step("tearing down %s (%s): %s" % (app, env, reason))
             stop_runtimes(self, app, env, dlog, keep="compose")

@@ -455,3 +455,15 @@ def test_wait_drained_waits_for_open_connections_to_close():
         client.close()
         accepted.close()
         server.close()
+
+
+def test_a_log_every_stop_appends_to_keeps_one_older_file(tmp_path):
+    path = str(tmp_path / "stop.log")
+    for n in range(100):
+        dlog = runners.DeployLog(path, max_bytes=1000, rotate=True)
+        dlog.step("stopping, time %d" % n)
+        dlog.close()
+    assert os.path.getsize(path) <= 1000 + 100
+    assert os.path.getsize(path + ".1") <= 1000 + 100
+    assert "time 99" in open(path).read()
+    assert sorted(os.listdir(str(tmp_path))) == ["stop.log", "stop.log.1"]
