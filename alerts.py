@@ -837,6 +837,19 @@ DISCORD = {"content": 2000, "title": 256, "description": 4096, "fields": 25,
            "total": 6000}
 
 
+def rule_problems(settings):
+    """Return one line per ALERTS_* key of an app's .env that names no event."""
+    found = []
+    for target in ALERT_TARGETS:
+        key = "ALERTS_" + target.upper().replace("-", "_")
+        if key in settings:
+            try:
+                parse_rules(settings[key])
+            except ValueError as e:
+                found.append("%s=%r: %s" % (key, settings[key], e))
+    return found
+
+
 def parse_rules(value):
     """Return the set of events a rule names: a list, 'all' or 'none'."""
     words = set(value.replace(",", " ").split())
@@ -1024,17 +1037,18 @@ class Notifier:
     def rules(self, target, app):
         """Return the events target hears of for app (its .env may override)."""
         key = "ALERTS_" + target.upper().replace("-", "_")
-        value = getattr(self.settings, key.lower())
+        overall = getattr(self.settings, key.lower())
         try:
             settings = self.store.load_app(app) if app else None
         except store.EnvFileError:
             settings = None
-        value = (settings or {}).get(key, value)
-        try:
-            return parse_rules(value)
-        except ValueError as e:
-            log.error("%s=%r for %s: %s; using the default", key, value, app, e)
-            return parse_rules(DEFAULT_RULES[target])
+        value = (settings or {}).get(key, overall)
+        for rule, fallback in ((value, overall), (overall, DEFAULT_RULES[target])):
+            try:
+                return parse_rules(rule)
+            except ValueError as e:
+                log.error("%s=%r for %s: %s; using %r", key, rule, app, e, fallback)
+        return parse_rules(DEFAULT_RULES[target])
 
     def values(self, alert, record):
         """Return the template variables for one alert about record."""

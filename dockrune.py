@@ -654,11 +654,15 @@ def cmd_doctor(settings, _args):
     repos = set()
     for app in store.Store(settings.home).app_names():
         try:
-            repo = (store.Store(settings.home).load_app(app) or {}).get("REPO")
+            values = store.Store(settings.home).load_app(app) or {}
         except store.EnvFileError as e:
             print("FAIL %-16s %s" % ("app " + app, e))
             failed += 1
             continue
+        for problem in alerts.rule_problems(values):
+            print("FAIL %-16s %s" % ("app " + app, problem))
+            failed += 1
+        repo = values.get("REPO")
         if store.is_repo(repo or ""):
             repos.add(repo)
     for ok, name, detail in alerts.check_github_token(settings, sorted(repos),

@@ -236,6 +236,23 @@ def test_rules_choose_events_globally_and_per_app(started, targets):
     assert len(targets["coach-artie"].contents()) == 2
 
 
+def test_a_mistyped_app_rule_falls_back_to_the_global_one(
+        tmp_path, started, targets, capsys):
+    st, box = started(DOCKRUNE_ALERTS_DISCORD="none")
+    write_app(st, "shop", ALERTS_DISCORD="deploy_faild")
+    simulate(st, box, outcome="failed")
+    assert box.outbox.flush(10)
+    assert targets["discord"].calls() == []
+    assert len(targets["coach-artie"].contents()) == 1
+    assert alerts.rule_problems({"ALERTS_DISCORD": "deploy_faild"}) == [
+        "ALERTS_DISCORD='deploy_faild': unknown events deploy_faild; known: "
+        + ", ".join(alerts.EVENTS) + ", all, none"]
+    assert alerts.rule_problems({"ALERTS_N8N": "all", "OTHER": "x"}) == []
+    assert dockrune.cmd_doctor(settings_for(tmp_path / "home"), None) == 1
+    assert ("FAIL app shop         ALERTS_DISCORD='deploy_faild': unknown events"
+            in capsys.readouterr().out)
+
+
 def test_log_tail_hides_secrets_and_control_characters(started, targets):
     st, box = started(DOCKRUNE_ADMIN_PASSWORD="adminpass123")
     simulate(st, box, outcome="failed", log_lines=[
@@ -369,3 +386,28 @@ def test_process_found_dead_by_the_supervisor_alerts_every_target(started, targe
     assert docs[1]["status"] == "crashed" and docs[1]["repo"] == "octo/shop"
     for target in targets.values():
         assert "app-secret-value" not in json.dumps([r["body"] for r in target.requests])
+
+
+def test_outbox_retries_double_up_to_their_cap_then_give_up_when_too_old(tmp_path):
+    import store
+    st = store.Store(str(tmp_path / "home"))
+    st.ensure_dirs()
+    box = alerts.Outbox(st, {"n8n": lambda item: None}, retry_base=2.0,
+                        retry_max=30.0, max_age=3600.0)
+    item = box.enqueue("n8n", "alerts:n8n", "deploy_failed", {"body": {}})
+    delays = []
+    for attempt in range(6):
+        before = time.time()
+        box._settle(item, alerts.RETRY, None, "connection refused")
+        (left,) = box.pending()
+        delays.append(round(left["due"] - before))
+        assert left["attempts"] == attempt + 1
+        assert left["last_error"] == "connection refused"
+    assert delays == [2, 4, 8, 16, 30, 30]
+
+    # Older than max_age: the next failure is the last one.
+    box._items[0]["created"] = time.time() - 3601
+    box._settle(item, alerts.RETRY, None, "connection refused")
+    assert box.pending() == []
+    # And none of it was lost on the way: the file says the same.
+    assert store.read_json(box.path)["items"] == []
