@@ -453,10 +453,26 @@ def describe(record, newer_sha=None):
     return clip(_printable(text), STATUS_LIMIT)
 
 
+_BUILD_FAILED_RE = re.compile(r"Service '([^']+)' failed to build"     # v1
+                              r"|target ([\w.-]+): failed to solve")       # v2
+
+
 def _failure_text(error):
-    if "docker" in error and " up " in error:
-        return "build failed: " + re.sub(r"^.*?exited", "exited", error)
-    return error
+    """Say a failed `compose up` the short way: "build failed: web: <cause>"."""
+    if "docker" not in error or " up " not in error:
+        return error
+    found = _BUILD_FAILED_RE.search(error)
+    service = found and (found.group(1) or found.group(2))
+    code = re.search(r" exited (-?\d+)", error)
+    tail = error[code.end():].lstrip(": ") if code else error
+    # The command's last lines, joined by " | ": the cause is the last real one.
+    lines = [part.strip() for part in tail.split(" | ") if part.strip()
+             and not part.strip().startswith("--->") and "failed to build" not in part]
+    cause = lines[-1] if lines else "exited %s" % (code.group(1) if code else "?")
+    if service:
+        return "build failed: %s: %s" % (service, re.sub(r"^target [\w.-]+: ", "",
+                                                         cause))
+    return "compose up failed: %s" % cause
 
 
 def _duration(seconds):

@@ -78,8 +78,27 @@ def test_failing_deploy_ends_failure_with_its_log_url(started, gh):
     final = [r for r in gh.calls() if "/deployments/" in r["path"]][-1]["body"]
     assert final["log_url"] == "%s/admin/deploys/%s" % (PUBLIC, record["id"])
     commit = gh.calls()[-1]["body"]
-    assert commit["description"] == "build failed: exited 1: boom"
+    assert commit["description"] == "compose up failed: boom"
     assert gh.problems == []
+
+
+@pytest.mark.parametrize("error,said", [
+    ("docker-compose -f compose.yaml -p dockrune-x up -d --build --remove-orphans "
+     "exited 1:  ---> Running in baf7360de941 | The command 'false' returned a "
+     "non-zero code: 1 | Service 'web' failed to build : Build failed",
+     "build failed: web: The command 'false' returned a non-zero code: 1"),
+    ("docker compose -f compose.yaml -p dockrune-x up -d --build exited 17: "
+     "#5 ERROR: process \"/bin/sh -c false\" did not complete | target api: "
+     "failed to solve: process \"/bin/sh -c false\" did not complete successfully",
+     "build failed: api: failed to solve: process \"/bin/sh -c false\" did not "
+     "complete successfully"),
+    ("docker compose -f compose.yaml up -d exited 1: Bind for 127.0.0.1:8101 "
+     "failed: port is already allocated",
+     "compose up failed: Bind for 127.0.0.1:8101 failed: port is already allocated"),
+    ("health check failed: GET / answered 500", "health check failed: GET / answered 500"),
+])
+def test_failure_descriptions_name_the_service_and_the_cause(error, said):
+    assert alerts.describe({"status": "failed", "error": error}) == said[:140]
 
 
 def test_internal_error_ends_error_not_failure(started, gh):
