@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 
 import runners
@@ -278,12 +279,34 @@ def remove_stack(app, env, dlog):
     return True
 
 
+REPLICAS_MAX_AGE = 10.0     # seconds the admin page may show old replica counts
+_seen_replicas = {}         # stack -> (monotonic time, (running, wanted))
+_seen_lock = threading.Lock()
+
+
 def annotate(rows, store_):
-    """Add "replicas": "running/wanted" to the status rows of swarm environments."""
+    """Add "replicas": "running/wanted" to the status rows of swarm environments.
+
+    The counts are asked of Docker at most every REPLICAS_MAX_AGE seconds per
+    stack: /admin and /api/apps call this on every request.
+    """
     envs = store_.environments()
     for row in rows:
         summary = envs.get("%s/%s" % (row["app"], row["environment"])) or {}
         if summary.get("engine") == "swarm" and summary.get("status") != "stopped":
-            running, wanted = replicas(stack_name(row["app"], row["environment"]))
+            running, wanted = _recent_replicas(stack_name(row["app"],
+                                                          row["environment"]))
             row["replicas"] = "%d/%d" % (running, wanted)
     return rows
+
+
+def _recent_replicas(stack):
+    now = time.monotonic()
+    with _seen_lock:
+        seen = _seen_replicas.get(stack)
+    if seen and now - seen[0] < REPLICAS_MAX_AGE:
+        return seen[1]
+    counts = replicas(stack)
+    with _seen_lock:
+        _seen_replicas[stack] = (now, counts)
+    return counts

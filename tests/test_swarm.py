@@ -65,6 +65,26 @@ def test_image_for_names_app_service_and_sha_under_the_registry():
         "reg.example:5000/dockrune/blog-web:abc")
 
 
+def test_replica_counts_are_asked_of_docker_at_most_every_few_seconds(
+        tmp_path, monkeypatch):
+    import store
+    st = store.Store(str(tmp_path / "home"))
+    st.ensure_dirs()
+    st.update_environment("web", "production", status="live", engine="swarm")
+    asked = []
+    monkeypatch.setattr(swarm.runners, "_quiet", lambda argv, **kw: (
+        asked.append(argv) or (0, "Running Running 5 minutes ago\n"
+                                  "Running Starting 1 second ago\n")))
+    monkeypatch.setattr(swarm, "_seen_replicas", {})
+    rows = [{"app": "web", "environment": "production"}]
+    for _ in range(5):
+        assert swarm.annotate([dict(r) for r in rows], st)[0]["replicas"] == "1/2"
+    assert len(asked) == 1
+    monkeypatch.setattr(swarm, "REPLICAS_MAX_AGE", 0.0)
+    swarm.annotate([dict(r) for r in rows], st)
+    assert len(asked) == 2
+
+
 def test_engine_comes_from_the_app_then_the_global_setting(tmp_path):
     settings = make_settings(tmp_path)
     assert swarm.engine_of({}, settings) == "compose"
