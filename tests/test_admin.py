@@ -1,6 +1,7 @@
 """The admin pages and the JSON API, called in-process through wsgiref.validate."""
 
 import base64
+import datetime
 import html
 import json
 import os
@@ -251,9 +252,23 @@ def test_overview_shows_every_environment_with_its_status(site):
     assert 'href="https://github.com/o/blog/commit/%s"' % SHA in page
     assert ">%s</code>" % SHA[:7] in page
     assert '<a href="https://blog.example.org">blog.example.org</a>' in page
-    assert re.search(r'<time datetime="[0-9TZ:-]+" title="[0-9: -]+ UTC">', page)
+    assert re.search(r'<time datetime="[0-9TZ:-]+" title="[0-9: -]+ UTC">'
+                     r'(just now|\d+ s ago)</time>', page)
     assert "<svg" in page and 'aria-label="uptime over 24 hours' in page
     assert "5 environments" in page
+    shop_row = page[page.index('data-app="shop"'):]
+    shop_port = site.store.environment("shop", "production")["port"]
+    assert '<td data-label="Port" class="mono">%d</td>' % shop_port in shop_row
+    assert '<div class="muted mono">o/shop</div>' in shop_row
+
+
+def test_ago_says_how_long_ago_in_the_largest_unit():
+    now = 1_800_000_000
+    iso = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat()
+    at = lambda seconds: handlers._ago(iso, now + seconds)  # noqa: E731
+    assert [at(3), at(42), at(61), at(7300), at(200000)] == [
+        "just now", "42 s ago", "1 min ago", "2 h ago", "2 d ago"]
+    assert handlers._ago("not a time", now) == "not a time"
 
 
 def test_overview_offers_start_only_for_stopped_environments(site):
