@@ -577,10 +577,13 @@ class Application:
             log.info("stop of %s/%s asked on the admin page", app, env)
             return _redirect("/admin/apps/%s" % app)
         # Redeploy takes the newest commit of the environment's branch; Start
-        # brings back the very commit that was stopped.
+        # brings back the very commit that was stopped.  A pull request's
+        # preview is redeployed at its commit: its branch may live in a fork,
+        # whose new commits come by webhook (and may need an approval).
         ref = summary.get("ref") if summary.get("ref") and _REF_RE.match(
             summary["ref"]) else None
-        sha = summary.get("sha") if action == "start" else None
+        pull_request = re.fullmatch(r"pr-[0-9]+", env) and summary.get("sha")
+        sha = summary.get("sha") if action == "start" or pull_request else None
         record = self.deployer.new_deploy(app, env, sha, ref, "admin")
         self.runner.submit(record)
         log.info("deploy %s of %s/%s asked on the admin page (%s)", record["id"],

@@ -402,6 +402,16 @@ def test_redeploy_button_queues_the_branch_and_redirects_to_its_log(site):
     assert headers["Location"] == "/admin/deploys/" + job["id"]
 
 
+def test_redeploy_of_a_pull_request_preview_takes_its_commit_not_its_branch(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    site.deploy("blog", "pr-4", sha=OLD_SHA, ref="patch-1")     # a fork's branch
+    code, headers, body = site.post_form("/admin/apps/blog/redeploy", {
+        "csrf": site.csrf(), "environment": "pr-4"})
+    assert code == 303, body
+    [job] = site.runner.jobs
+    assert (job["environment"], job["sha"]) == ("pr-4", OLD_SHA)
+
+
 def test_start_button_brings_back_the_stopped_commit(site):
     write_app(site.store.home, "blog", REPO="o/blog")
     site.deploy("blog")
