@@ -1028,12 +1028,7 @@ class Notifier:
         record.update({k: v for k, v in info.items() if v is not None})
         record.update(status="down" if alert == "app_down" else "up",
                       error=info.get("detail") or "", duration=None)
-        if not record.get("repo"):
-            try:
-                record["repo"] = (self.store.load_app(info["app"]) or {}).get("REPO")
-            except store.EnvFileError:
-                pass
-        return record
+        return self._with_repo(record)
 
     def _crash_record(self, spec):
         """Return the deploy record of a process the supervisor found dead."""
@@ -1043,6 +1038,10 @@ class Notifier:
                       sha=spec.get("sha") or record.get("sha"), status="crashed",
                       error="exited (pid %s); the supervisor restarts it"
                       % spec.get("pid"), duration=None)
+        return self._with_repo(record)
+
+    def _with_repo(self, record):
+        """Fill in the record's repo from its app's .env when it has none."""
         if not record.get("repo"):
             try:
                 record["repo"] = (self.store.load_app(record["app"]) or {}).get("REPO")
