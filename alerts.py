@@ -30,9 +30,7 @@ import re
 import string
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import store
 
@@ -94,14 +92,26 @@ class Answer:
         return _printable(text)[:300] or "(empty body)"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Hand 3xx answers back as they are: a redirect may lead to another host."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
+_openers = []
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _opener():
+    """Return the urllib opener that follows no redirect, built on first use.
+
+    Built late: urllib.request brings http.client, email and ssl, a good part
+    of dockrune's memory, which a daemon with no outbound target never needs.
+    """
+    if not _openers:
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            """Hand 3xx answers back as they are: they may lead to another host."""
+
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        _openers.append(urllib.request.build_opener(NoRedirect))
+    return _openers[0]
 
 
 def http_request(method, url, data=None, headers=None, timeout=10.0):
@@ -117,9 +127,11 @@ def http_request(method, url, data=None, headers=None, timeout=10.0):
     if data is not None:
         body = json.dumps(data).encode("utf-8")
         headers["Content-Type"] = "application/json"
+    import urllib.error
+    import urllib.request
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with _opener().open(request, timeout=timeout) as response:
             return Answer(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as e:
         with e:

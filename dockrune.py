@@ -29,8 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import alerts
 import handlers
@@ -441,6 +439,8 @@ def running_daemon(settings):
 
 
 def call_daemon(daemon, method, path, data=None):
+    import urllib.error     # here: the daemon itself never needs urllib.request
+    import urllib.request
     base, token = daemon
     body = json.dumps(data).encode() if data is not None else None
     request = urllib.request.Request(base + path, data=body, method=method, headers={

@@ -19,9 +19,7 @@ import random
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import runners
 import store
@@ -108,18 +106,30 @@ def parse_ls_remote(text):
     return refs, symrefs
 
 
-class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only to the host asked; the token must not travel on."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        old = urllib.parse.urlsplit(req.full_url)
-        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
-        if (new.scheme, new.netloc) != (old.scheme, old.netloc):
-            return None
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+_openers = []
 
 
-_opener = urllib.request.build_opener(_SameHostRedirect)
+def _opener():
+    """Return the opener that follows redirects to the same host only.
+
+    Built on first use, as in alerts.py: urllib.request is heavy to load.
+    """
+    if not _openers:
+        import urllib.request
+
+        class SameHostRedirect(urllib.request.HTTPRedirectHandler):
+            """Follow a redirect only to the host asked: the token stays there."""
+
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                old = urllib.parse.urlsplit(req.full_url)
+                new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url,
+                                                                 newurl))
+                if (new.scheme, new.netloc) != (old.scheme, old.netloc):
+                    return None
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        _openers.append(urllib.request.build_opener(SameHostRedirect))
+    return _openers[0]
 
 
 def get_github(api, path, token, etag=None, timeout=API_TIMEOUT):
@@ -135,9 +145,11 @@ def get_github(api, path, token, etag=None, timeout=API_TIMEOUT):
                "User-Agent": "dockrune-poll"}
     if etag:
         headers["If-None-Match"] = etag
+    import urllib.error
+    import urllib.request
     request = urllib.request.Request(api + path, headers=headers)
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with _opener().open(request, timeout=timeout) as response:
             data = json.loads(response.read(5_000_000).decode("utf-8"))
             return response.status, data, response.headers.get("ETag")
     except urllib.error.HTTPError as e:

@@ -40,8 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import store
 import supervise
@@ -1814,24 +1813,33 @@ def check_health(ctx, port=None, alive=None):
         time.sleep(0.5)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
-
-
 def probe(url, timeout=3):
-    """GET url once; return (status code or None, a short description)."""
+    """GET url (http://host:port/path) once; return (status or None, description).
+
+    Plain HTTP/1.0 over a socket rather than urllib: the health checker calls
+    this for every live app, and loading urllib (http.client, email, ssl) would
+    be a good part of dockrune's idle memory.  A redirect is an answer, not
+    something to follow.
+    """
+    parts = urllib.parse.urlsplit(url)
+    target = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
+    if parts.query:
+        target += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=~-._?")
+    request = ("GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: dockrune-health\r\n"
+               "Connection: close\r\n\r\n" % (target, parts.netloc))
     try:
-        with _opener.open(url, timeout=timeout) as response:
-            return response.status, "HTTP %d" % response.status
-    except urllib.error.HTTPError as e:
-        return e.code, "HTTP %d" % e.code
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return None, str(reason)[:100]
+        with socket.create_connection((parts.hostname, parts.port or 80),
+                                      timeout=timeout) as sock:
+            sock.sendall(request.encode("ascii", "replace"))
+            line = sock.makefile("rb").readline(200)
+    except (OSError, ValueError) as e:
+        return None, str(e)[:100] or type(e).__name__
+    fields = line.split()
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not (
+            fields[1].isdigit() and len(fields[1]) == 3):
+        return None, "no HTTP answer" if not line else "not HTTP: %r" % line[:40]
+    code = int(fields[1])
+    return code, "HTTP %d" % code
 
 
 # -- preview reconciliation --------------------------------------------------------

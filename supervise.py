@@ -30,7 +30,6 @@ Linux only: identities come from /proc.
 """
 
 import argparse
-import http.server
 import json
 import logging
 import os
@@ -389,30 +388,40 @@ def tail(path, lines=20, limit=64 * 1024):
 # -- the static file server ----------------------------------------------------------
 
 
-class StaticHandler(http.server.SimpleHTTPRequestHandler):
-    """Serve files under the root: no listings, no dotfiles, no way out.
+def static_handler():
+    """Return the request handler of the static server (a class).
 
-    Symbolic links are followed only when their target is inside the root.
+    Made here, not at import: only the static server's own process needs
+    http.server, and the daemon imports this module too.
     """
+    import http.server
 
-    server_version = "dockrune-static"
-    sys_version = ""
+    class StaticHandler(http.server.SimpleHTTPRequestHandler):
+        """Serve files under the root: no listings, no dotfiles, no way out.
 
-    def send_head(self):
-        path = self.translate_path(self.path)
-        root = os.path.realpath(self.directory)
-        real = os.path.realpath(path)
-        parts = urllib.parse.unquote(
-            self.path.split("?", 1)[0].split("#", 1)[0]).split("/")
-        if os.path.commonpath([root, real]) != root or any(
-                p.startswith(".") and p not in ("", ".") for p in parts):
+        Symbolic links are followed only when their target is inside the root.
+        """
+
+        server_version = "dockrune-static"
+        sys_version = ""
+
+        def send_head(self):
+            path = self.translate_path(self.path)
+            root = os.path.realpath(self.directory)
+            real = os.path.realpath(path)
+            parts = urllib.parse.unquote(
+                self.path.split("?", 1)[0].split("#", 1)[0]).split("/")
+            if os.path.commonpath([root, real]) != root or any(
+                    p.startswith(".") and p not in ("", ".") for p in parts):
+                self.send_error(404, "File not found")
+                return None
+            return super().send_head()
+
+        def list_directory(self, path):
             self.send_error(404, "File not found")
             return None
-        return super().send_head()
 
-    def list_directory(self, path):
-        self.send_error(404, "File not found")
-        return None
+    return StaticHandler
 
 
 def serve_static(root, port, host="127.0.0.1"):
@@ -421,8 +430,11 @@ def serve_static(root, port, host="127.0.0.1"):
     if not os.path.isdir(root):
         raise SystemExit("static: %s is not a directory" % root)
 
+    import http.server
+    handler_class = static_handler()
+
     def handler(*args, **kwargs):
-        return StaticHandler(*args, directory=root, **kwargs)
+        return handler_class(*args, directory=root, **kwargs)
 
     server = http.server.ThreadingHTTPServer((host, port), handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

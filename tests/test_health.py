@@ -316,3 +316,35 @@ def test_real_container_going_down_and_up_flips_status(
         assert "event app-up for %s/production" % name in log
     finally:
         compose_down("dockrune-" + name)
+
+
+@pytest.mark.parametrize("code", [200, 204, 302, 404, 500])
+def test_probe_reads_the_status_and_follows_no_redirect(fake_app, code):
+    import runners
+    fake_app.code = code
+    assert runners.probe("http://127.0.0.1:%d/health?x=1" % fake_app.port) == (
+        code, "HTTP %d" % code)
+    assert fake_app.paths[-1] == "/health?x=1"
+
+
+def test_probe_of_a_closed_port_or_a_stranger_is_no_answer():
+    import runners
+    import socket
+    code, detail = runners.probe("http://127.0.0.1:%d/" % free_port())
+    assert code is None and "refused" in detail
+    stranger = socket.socket()
+    stranger.bind(("127.0.0.1", 0))
+    stranger.listen()
+
+    def answer_garbage():
+        conn, _ = stranger.accept()
+        conn.recv(1000)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        code, detail = runners.probe("http://127.0.0.1:%d/" % stranger.getsockname()[1])
+        assert code is None and detail.startswith("not HTTP")
+    finally:
+        stranger.close()
