@@ -301,6 +301,27 @@ def test_overview_draws_uptime_from_health_samples(site):
     rows_ = json.loads(site.get("/api/apps", headers=BEARER)[2])
     assert rows_[0]["uptime_24h"] == 90.0
 
+    # A half hour of nothing but failed checks is drawn red, one never checked grey.
+    for n in range(5):
+        entry = health.add_sample(entry, False, now - 3 * 3600 - 60 * n)
+    site.store.write_health_samples({"blog/production": entry})
+    page = site.html("/admin")
+    assert 'fill="%s"' % handlers.UPTIME_COLOURS["down"] in page
+    assert 'fill="%s"' % handlers.UPTIME_COLOURS["none"] in page
+
+
+def test_every_form_on_the_overview_carries_the_csrf_token(site):
+    write_app(site.store.home, "blog", REPO="o/blog")
+    write_app(site.store.home, "wiki", REPO="o/wiki")
+    site.deploy("blog")
+    site.deploy("wiki")
+    site.store.update_environment("wiki", "production", status="stopped")
+    page = site.html("/admin")
+    forms = re.findall(r'<form method="post".*?</form>', page, re.S)
+    assert len(forms) == 3         # Redeploy and Stop of blog, Start of wiki
+    token = site.csrf()
+    assert all('name="csrf" value="%s"' % token in form for form in forms)
+
 
 def test_overview_escapes_untrusted_text(site):
     write_app(site.store.home, "blog", REPO="o/blog", BRANCH=XSS)

@@ -348,3 +348,8 @@ def test_probe_of_a_closed_port_or_a_stranger_is_no_answer():
         assert code is None and detail.startswith("not HTTP")
     finally:
         stranger.close()
+
+
+def test_health_checks_every_thirty_seconds_unless_told(tmp_path):
+    assert make_settings(tmp_path).health_interval == 30
+    assert make_settings(tmp_path, DOCKRUNE_HEALTH_INTERVAL="5").health_interval == 5
