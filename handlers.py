@@ -956,7 +956,7 @@ def _read_form(environ):
     if kind == "application/json":
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPError(400, "body is not valid JSON") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "body is not a JSON object")
