@@ -1089,7 +1089,6 @@ def deploy_compose(ctx, facts):
     stop_runtimes(ctx.deployer, ctx.app, ctx.env, ctx.dlog, keep="compose")
     compose_up(ctx, find_compose_file(ctx.checkout))
     facts["started"] = True
-    check_loopback_ports(ctx)
     ctx.dlog.blank()
     try:
         check_health(ctx)
@@ -1104,6 +1103,8 @@ def deploy_compose(ctx, facts):
                               % (e, old_sha[:12], again)) from None
         facts["started"] = False
         raise DeployError("%s; rolled back to %s" % (e, old_sha[:12])) from None
+    # After the health check, so that the check costs a push no time to live.
+    check_loopback_ports(ctx)
 
 
 _LOOPBACK_RE = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|::1):")

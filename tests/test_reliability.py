@@ -494,6 +494,33 @@ def test_hostile_input_never_runs_anything(base_image, server_factory, tmp_path,
     assert not canary.exists()
 
 
+def test_hostile_branch_names_reach_branch_previews_harmlessly(server_factory, tmp_path):
+    canary = tmp_path / "canary"
+    touch = "touch %s" % canary
+    remote = GitRemote(str(tmp_path / "git"))
+    sha = remote.commit({"index.html": "safe\n"})
+    server = server_factory()
+    name = "hb-" + secrets.token_hex(3)
+    write_app(server.home, name, remote, free_port(), PREVIEW_BRANCHES="*")
+    server.start()
+    branches = [";" + touch, "$(%s)" % touch, "`%s`" % touch, "x\n" + touch,
+                "--upload-pack=" + touch, "../../x", "m\u0430in", "b" * 300]
+    deploys = []
+    for branch in branches:
+        code, answer = post_hook(server.url, "push",
+                                 push_body("tester/" + name, sha, branch=branch))
+        assert code in (200, 202), (branch, answer)
+        if code == 202:
+            assert store.is_name(answer["environment"]), answer
+            deploys.append(answer["deploy"])
+    assert len(deploys) >= 6
+    for deploy_id in deploys:
+        record = server.wait_deploy(deploy_id)
+        # Fetched by its sha, whatever the branch is called: live and harmless.
+        assert record["status"] == "live", open(record["log"]).read()
+    assert not canary.exists()
+
+
 @pytest.mark.parametrize("url,transport", [
     ("'ext::sh -c touch%% %s'", "ext"),
     # git itself allows git:// by default: only dockrune's limit refuses it.
