@@ -1011,8 +1011,9 @@ def scan_compose_config(text, port, loopback=True):
     return problems
 
 
-_SHORT_PORT_RE = re.compile(
-    r"^['\"]?(?:(\[[^\]]*\]|\d+\.[\d.]+):)?(?:(\d+(?:-\d+)?):)?\d+(?:-\d+)?(?:/\w+)?['\"]?$")
+# [host ip:][published:]target[/protocol], as compose renders a short port.
+_SHORT_PORT_RE = re.compile(r"^['\"]?(?:(\[[^\]]*\]|\d+\.[\d.]+):)?"
+                            r"(?:(\d+(?:-\d+)?):)?\d+(?:-\d+)?(?:/\w+)?['\"]?$")
 
 
 def _port_problem(service, item):

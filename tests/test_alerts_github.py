@@ -95,7 +95,8 @@ def test_failing_deploy_ends_failure_with_its_log_url(started, gh):
     ("docker compose -f compose.yaml up -d exited 1: Bind for 127.0.0.1:8101 "
      "failed: port is already allocated",
      "compose up failed: Bind for 127.0.0.1:8101 failed: port is already allocated"),
-    ("health check failed: GET / answered 500", "health check failed: GET / answered 500"),
+    ("health check failed: GET / answered 500",
+     "health check failed: GET / answered 500"),
 ])
 def test_failure_descriptions_name_the_service_and_the_cause(error, said):
     assert alerts.describe({"status": "failed", "error": error}) == said[:140]

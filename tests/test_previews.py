@@ -308,7 +308,8 @@ def test_preview_gets_its_env_and_overrides_and_loses_its_volumes_after_a_stop(
         wait_for(lambda: caddy.get(domain, "/env.txt") == expected)
 
         # Stopped first, closed later: the volume goes with the teardown.
-        assert api_post(server, "apps/%s/stop" % name, {"environment": "pr-2"})[0] == 202
+        code, _answer = api_post(server, "apps/%s/stop" % name, {"environment": "pr-2"})
+        assert code == 202
         wait_for(lambda: server.status(name, "pr-2")["status"] == "stopped", 60)
         assert project_volumes(project) == [project + "_data"]
         code, answer = post_hook(server.url, "pull_request",

@@ -494,7 +494,8 @@ def test_hostile_input_never_runs_anything(base_image, server_factory, tmp_path,
     assert not canary.exists()
 
 
-def test_hostile_branch_names_reach_branch_previews_harmlessly(server_factory, tmp_path):
+def test_hostile_branch_names_reach_branch_previews_harmlessly(
+        server_factory, tmp_path):
     canary = tmp_path / "canary"
     touch = "touch %s" % canary
     remote = GitRemote(str(tmp_path / "git"))

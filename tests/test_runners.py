@@ -351,8 +351,9 @@ V2_PORTS = ("name: x\nservices:\n  web:\n    ports:\n"
     (V2_PORTS % ("      - mode: ingress\n        target: 8082\n"
                  "        published: \"9100\"\n        protocol: tcp\n"),
      "publishes port 9100 on every interface"),
-    (V2_PORTS % ("      - mode: ingress\n        host_ip: 0.0.0.0\n        target: 8082\n"
-                 "        published: \"9100\"\n        protocol: tcp\n"),
+    (V2_PORTS % ("      - mode: ingress\n        host_ip: 0.0.0.0\n"
+                 "        target: 8082\n        published: \"9100\"\n"
+                 "        protocol: tcp\n"),
      "publishes port 9100 on every interface"),
 ])
 def test_scan_compose_config_refuses_ports_beyond_loopback(text, problem):
