@@ -271,13 +271,18 @@ def test_ago_says_how_long_ago_in_the_largest_unit():
     assert handlers._ago("not a time", now) == "not a time"
 
 
-def test_overview_offers_start_only_for_stopped_environments(site):
+def live_blog_and_stopped_wiki(site):
+    """Deploy blog, deploy and stop wiki; return the overview page."""
     write_app(site.store.home, "blog", REPO="o/blog")
     write_app(site.store.home, "wiki", REPO="o/wiki")
     site.deploy("blog")
     site.deploy("wiki")
     site.store.update_environment("wiki", "production", status="stopped")
-    page = site.html("/admin")
+    return site.html("/admin")
+
+
+def test_overview_offers_start_only_for_stopped_environments(site):
+    page = live_blog_and_stopped_wiki(site)
     blog = page[page.index('data-app="blog"'):page.index('data-app="wiki"')]
     wiki = page[page.index('data-app="wiki"'):]
     assert 'action="/admin/apps/blog/redeploy"' in blog
@@ -311,12 +316,7 @@ def test_overview_draws_uptime_from_health_samples(site):
 
 
 def test_every_form_on_the_overview_carries_the_csrf_token(site):
-    write_app(site.store.home, "blog", REPO="o/blog")
-    write_app(site.store.home, "wiki", REPO="o/wiki")
-    site.deploy("blog")
-    site.deploy("wiki")
-    site.store.update_environment("wiki", "production", status="stopped")
-    page = site.html("/admin")
+    page = live_blog_and_stopped_wiki(site)
     forms = re.findall(r'<form method="post".*?</form>', page, re.S)
     assert len(forms) == 3         # Redeploy and Stop of blog, Start of wiki
     token = site.csrf()
